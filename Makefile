@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make sweep` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train sweep test test-all bench tensorboard lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,launchers,optuna]'
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install  ## one run: make train ARGS="model.dense=16"
+	$(PY) -m cxr.train $(ARGS)
+
+sweep: install  ## the seed's seven variants: make sweep ARGS="data=chest_xray data.root=..."
+	$(PY) -m cxr.train -m 'experiment=glob(resultset*)' $(ARGS)
+
+test: install  ## the fast suite (CI): under 5 minutes on 2 cores
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: install  ## everything, the slow end-to-end checks too
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m cxr.bench $(ARGS)
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir outputs
+
+lint: install
+	$(VENV)/bin/ruff check cxr tests
+
+clean:
+	rm -rf outputs/runs outputs/sweeps .pytest_cache

@@ -1,0 +1,3 @@
+from cxr.train import main
+
+main()

@@ -1,0 +1,326 @@
+"""Find the images, split them by patient, decode them once into a uint8 cache, serve batches.
+
+Decoding ~1,500 px JPEGs is what made the reference experiment slow, so every image is decoded
+and resized exactly once (PIL's draft mode lets libjpeg downscale by 2/4/8 while decoding, spread
+over the cores) into a uint8 array on disk, keyed by the file list, the image size and the
+preprocessing. Runs and sweep jobs after the first read that array only. Batches are sliced from
+the array on the training device; conversion to float, normalisation and augmentation happen there
+on whole batches.
+"""
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from cxr.synthetic import ensure_synthetic
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# bump when decoding changes: old cache files are then never read again
+CACHE_VERSION = 1
+PREPROCESSING = "gray-squash-bilinear-draft"
+# ImageNet statistics, as torchvision's weights expect (RGB mean/std, not Keras' caffe-style BGR
+# mean subtraction); the grayscale image is fed to all three channels.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+POSITIVE_CLASS = "PNEUMONIA"
+
+PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)", re.IGNORECASE),
+)
+
+
+class DataError(Exception):
+    """Unusable dataset (missing folder, no images, one class): reported as one line."""
+
+
+@dataclass
+class Split:
+    """One split decoded into memory: uint8 images (N, 1, S, S), int64 labels, file paths."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "Split":
+        # The decoded set is small (5,216 images at 224 px are 262 MB as uint8), so it lives on
+        # the training device whole and batches are sliced there: no host copy in the step.
+        return Split(self.images.to(device), self.labels.to(device), self.paths, self.skipped)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def positive_index(self) -> int:
+        """Index of the positive class (PNEUMONIA when present, else the last class)."""
+        return self.classes.index(POSITIVE_CLASS) if POSITIVE_CLASS in self.classes else len(self.classes) - 1
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.train.skipped + self.val.skipped + self.test.skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding files
+
+
+def resolve_root(root: str | os.PathLike) -> Path:
+    """The folder that holds train/ and test/: root itself or the zip's chest_xray/ inside it.
+
+    The Kaggle zip unpacks to chest_xray/{train,val,test} plus a nested duplicate
+    chest_xray/chest_xray/ and __MACOSX/; the first folder with a train/ wins, so the duplicate is
+    never read and no image is counted twice.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root does not exist or is not a folder: {root}")
+    for candidate in (root, root / "chest_xray", root / "chest_xray" / "chest_xray"):
+        if (candidate / "train").is_dir():
+            return candidate
+    raise DataError(f"no train/ folder in data.root {root} (expected root/{{train,val,test}}/<class>/)")
+
+
+def _visible(path: Path) -> bool:
+    # macOS leaves .DS_Store, ._* resource forks and __MACOSX/ behind: never data
+    return not path.name.startswith(".") and path.name != "__MACOSX"
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise DataError(f"missing split folder: {split_dir}")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and _visible(p))
+    if len(classes) < 2:
+        raise DataError(f"need at least two class folders in {split_dir}, found {classes or 'none'}")
+    return classes
+
+
+def list_files(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, label) for every visible file in split_dir/<class>/, sorted for determinism."""
+    items = []
+    for label, name in enumerate(classes):
+        folder = split_dir / name
+        if not folder.is_dir():
+            raise DataError(f"missing class folder: {folder}")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and _visible(p))
+        if not files:
+            raise DataError(f"no images in class folder: {folder}")
+        items += [(str(p), label) for p in files]
+    return items
+
+
+def patient_id(path: str) -> str:
+    """IM-0001-0001.jpeg -> IM-0001; person12_bacteria_45.jpeg -> person12; else the file stem."""
+    name = Path(path).name
+    for pattern in PATIENT_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return match.group(1).upper()
+    return Path(path).stem
+
+
+def split_by_patient(items: list[tuple[str, int]], fraction: float, seed: int):
+    """Carve a stratified validation set out of train with no patient on both sides."""
+    labels = np.array([label for _, label in items])
+    groups = np.array([patient_id(path) for path, _ in items])
+    n_splits = max(2, round(1 / fraction))
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(folds.split(np.zeros(len(items)), labels, groups))
+    return [items[i] for i in train_idx], [items[i] for i in val_idx]
+
+
+def subset(items: list[tuple[str, int]], limit: int | None, seed: int) -> list[tuple[str, int]]:
+    """A stratified, deterministic subset of at most `limit` items (for quick checks)."""
+    if limit is None or len(items) <= limit:
+        return items
+    labels = [label for _, label in items]
+    if min(np.bincount(labels)) < 2:  # too few of a class to stratify: take an even spread
+        return [items[i] for i in np.linspace(0, len(items) - 1, limit).astype(int)]
+    pick, _ = next(StratifiedShuffleSplit(1, train_size=limit, random_state=seed).split(items, labels))
+    return [items[i] for i in sorted(pick)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding, once
+
+
+def decode_image(path: str, size: int) -> np.ndarray | None:
+    """Grayscale uint8 (size, size), or None when the file is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still at least size x size
+            image.draft("L", (size, size))
+            # Squashed to a square like the seed (Keras target_size): the whole chest stays in view.
+            return np.asarray(image.convert("L").resize((size, size), Image.BILINEAR))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def _decode_star(args):
+    return decode_image(*args)
+
+
+def cache_key(items: list[tuple[str, int]], size: int) -> str:
+    listing = [(path, label, *_stat(path)) for path, label in items]
+    payload = json.dumps([CACHE_VERSION, PREPROCESSING, size, listing])
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _stat(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def decode_split(items: list[tuple[str, int]], size: int, workers: int, desc: str) -> Split:
+    """Decode every file (in parallel), dropping unreadable ones into `skipped`."""
+    jobs = [(path, size) for path, _ in items]
+    workers = workers or os.cpu_count() or 1
+    progress = dict(total=len(jobs), desc=f"decode {desc}", unit="img", leave=False)
+    if workers > 1 and len(jobs) >= 64:
+        # fork: the children only run PIL and NumPy, and start in milliseconds
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            arrays = list(tqdm(pool.map(_decode_star, jobs, chunksize=16), **progress))
+    else:
+        arrays = [decode_image(*job) for job in tqdm(jobs, **progress)]
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    skipped = [items[i][0] for i, a in enumerate(arrays) if a is None]
+    images = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, size, size), np.uint8)
+    labels = np.array([items[i][1] for i in keep], dtype=np.int64)
+    return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels),
+                 [items[i][0] for i in keep], skipped)
+
+
+def load_split(items: list[tuple[str, int]], size: int, cache_dir: Path, workers: int, desc: str) -> Split:
+    """The decoded split from the cache, decoding (and caching) it first when needed."""
+    key = cache_key(items, size)
+    array_file, index_file = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if index_file.exists() and array_file.exists():
+        index = json.loads(index_file.read_text())
+        images = np.load(array_file)
+        if index.get("version") == CACHE_VERSION and images.shape == (len(index["paths"]), size, size):
+            return Split(torch.from_numpy(images).unsqueeze(1), torch.tensor(index["labels"]),
+                         index["paths"], index["skipped"])
+        log.warning("cache %s does not match this data or version; rebuilding it", array_file)
+    split = decode_split(items, size, workers, desc)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # the array first, the index last: an index on disk means a complete array beside it
+    _atomic_write(array_file, lambda f: np.save(f, split.images.squeeze(1).numpy()))
+    index = {"version": CACHE_VERSION, "size": size, "paths": split.paths,
+             "labels": split.labels.tolist(), "skipped": split.skipped}
+    _atomic_write(index_file, lambda f: f.write(json.dumps(index).encode()))
+    return split
+
+
+def load_dataset(data_cfg) -> Dataset:
+    """Everything `run()` needs from the data config: classes and three decoded splits."""
+    if data_cfg.synthetic is not None:
+        ensure_synthetic(data_cfg.root, data_cfg.synthetic)
+    root = resolve_root(data_cfg.root)
+    classes = find_classes(root / "train")
+    train_items = list_files(root / "train", classes)
+    if data_cfg.val_split == "official":
+        val_items = list_files(root / "val", classes)
+    else:
+        train_items, val_items = split_by_patient(train_items, data_cfg.val_fraction, data_cfg.split_seed)
+    items = {"train": train_items, "val": val_items, "test": list_files(root / "test", classes)}
+    cache_dir = Path(data_cfg.cache_dir).expanduser() / "decoded"
+    splits = {}
+    for name in SPLITS:
+        chosen = subset(items[name], data_cfg.limit, data_cfg.split_seed)
+        splits[name] = load_split(chosen, data_cfg.image_size, cache_dir, data_cfg.decode_workers, name)
+        if len(splits[name]) == 0:
+            raise DataError(f"no readable images in {root / name}")
+    dataset = Dataset(root, classes, **splits)
+    if dataset.skipped:
+        log.warning("skipped %d unreadable file(s): %s", len(dataset.skipped), ", ".join(dataset.skipped))
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches, on the device
+
+
+def train_batches(split: Split, batch_size: int, epoch: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled batches of this rank's share of the split for `epoch`.
+
+    DistributedSampler gives each rank a disjoint, equally long share (one rank: all of it) in an
+    order fixed by (seed, epoch), so a resumed run sees exactly the batches it would have seen.
+    """
+    sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=rank,
+                                 shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), device=split.images.device)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield split.images[idx], split.labels[idx]
+
+
+def eval_batches(split: Split, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's strided share of the split, in order, each image once (no padding)."""
+    idx_all = torch.arange(rank, len(split), world_size, device=split.images.device)
+    for start in range(0, len(idx_all), batch_size):
+        idx = idx_all[start:start + batch_size]
+        yield split.images[idx], split.labels[idx]
+
+
+def preprocess(images: torch.Tensor, channels_last: bool, augment: bool = False) -> torch.Tensor:
+    """uint8 (B, 1, S, S) -> normalised float (B, 3, S, S), on whatever device the batch is."""
+    x = images.float().div_(255)
+    if augment:
+        x = random_shift_scale(x)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    x = (x.expand(-1, 3, -1, -1) - mean) / std
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def random_shift_scale(x: torch.Tensor, shift: float = 0.06, scale: float = 0.08) -> torch.Tensor:
+    """Small random translation and zoom per image, as one batched affine resampling."""
+    n = x.shape[0]
+    s = 1 + (torch.rand(n, device=x.device) * 2 - 1) * scale
+    t = (torch.rand(n, 2, device=x.device) * 2 - 1) * shift * 2
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = s
+    theta[:, 1, 1] = s
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)

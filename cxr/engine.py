@@ -1,0 +1,120 @@
+"""One training epoch and one evaluation pass: plain functions, nothing Hydra-specific.
+
+Losses and correct counts are summed on the device and read once per logging interval, so the
+GPU never waits for the host inside the step.
+"""
+
+import math
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops at once, naming the epoch and step."""
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(model, optimizer, batches: Iterable, *, device: torch.device, epoch: int,
+                    amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+                    grad_clip: float | None = None, log_every: int = 10, total: int | None = None, progress: bool = True,
+                    should_stop=lambda: False) -> dict:
+    """Train on every (inputs, labels) batch once; {"loss", "acc"} averaged over images, all ranks."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    step = 0
+    pending: list[torch.Tensor] = []  # losses since the last check, kept on the device
+    bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
+    for step, (x, labels) in enumerate(bar, start=1):
+        with autocast(device, amp_dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels)
+        # set_to_none frees the gradient memory instead of writing zeros into it
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:  # fp16: scale, backward, unscale before clipping, step
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        n = labels.shape[0]
+        loss_sum += loss.detach() * n
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += n
+        pending.append(loss.detach())
+        if step % log_every == 0 or step == total:
+            _check_finite(pending, epoch, step)
+            pending.clear()
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+        if should_stop():
+            break
+    _check_finite(pending, epoch, step)
+    totals = _all_reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]))
+    return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item()}
+
+
+def _check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> None:
+    if not losses:
+        return
+    finite = torch.isfinite(torch.stack(losses)).tolist()  # one host sync per interval
+    if not all(finite):
+        step = last_step - len(losses) + 1 + finite.index(False)
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {step}")
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable, *, device: torch.device,
+             amp_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean cross-entropy, class probabilities (N, C) and labels (N,), gathered from all ranks."""
+    model.eval()
+    probs, labels = [], []
+    for x, y in batches:
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        probs.append(torch.softmax(logits.float(), dim=1))
+        labels.append(y)
+    probs_t = torch.cat(probs) if probs else torch.zeros(0, 0, device=device)
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    probs_np, labels_np = _gather(probs_t.cpu().numpy(), labels_t.cpu().numpy())
+    picked = probs_np[np.arange(len(labels_np)), labels_np]
+    loss = float(-np.log(np.clip(picked, 1e-12, 1)).mean()) if len(labels_np) else math.nan
+    return loss, probs_np, labels_np
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's predictions, each image once, in the split's order (rank r held r, r+W, ...)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return probs, labels
+    world = dist.get_world_size()
+    parts: list = [None] * world
+    dist.all_gather_object(parts, (probs, labels))
+    n = sum(len(p[1]) for p in parts)
+    out_probs = np.zeros((n, parts[0][0].shape[1]), dtype=np.float32)
+    out_labels = np.zeros(n, dtype=np.int64)
+    for rank, (p, y) in enumerate(parts):
+        out_probs[rank::world], out_labels[rank::world] = p, y
+    return out_probs, out_labels

@@ -1,0 +1,40 @@
+"""Shared fixtures: composed configs, a per-session cache, the real images when available."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import cxr.config  # noqa: F401  (registers the schema and resolvers)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory):
+    """One cache for the session: the embedded dataset is generated and decoded once."""
+    path = os.environ.get("CXR_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+    os.environ["CXR_CACHE_DIR"] = path
+    return Path(path)
+
+
+@pytest.fixture
+def make_cfg():
+    """Compose conf/train.yaml with overrides, as `python -m cxr.train` would."""
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real Kaggle images) through CXR_SHARED_DATA; skip when it is unset."""
+    root = os.environ.get("CXR_SHARED_DATA")
+    if not root or not Path(root, "cxr-real").is_dir():
+        pytest.skip("CXR_SHARED_DATA is not set to the folder holding cxr-real/ and cxr-fullres/")
+    return Path(root)

@@ -1,0 +1,142 @@
+"""End-to-end: real tiny trainings on CPU, read back from the files they wrote."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cxr.train import run, run_safely
+from tests.conftest import REPO
+
+EPOCH_TAGS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/auroc")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, make_cfg_module):
+    out = tmp_path_factory.mktemp("run")
+    result = run(make_cfg_module("debug=smoke"), out, overrides=["debug=smoke"])
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def make_cfg_module():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    def _compose(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    return _compose
+
+
+def test_result_json_follows_the_contract(smoke_run):
+    out, returned = smoke_run
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["error"] is None
+    assert result["overrides"] == ["debug=smoke"]
+    assert result["model"] == {"dense": 8, "hidden_layers": 1, "dropout": 0.5, "pooling": "flatten",
+                               "weights": None, "freeze_backbone": False}
+    assert result["optimizer"] == {"name": "adam", "lr": 1e-4}
+    assert result["data"]["name"] == "synthetic" and result["data"]["image_size"] == 32
+    assert result["data"]["skipped_files"] == 0
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/auroc", "test/loss", "test/acc",
+                "test/auroc", "test/sensitivity", "test/specificity"):
+        assert isinstance(result["metrics"][key], float), key
+    assert 0 <= result["metrics"]["test/acc"] <= 1
+    assert result["epochs"] == 2 and result["best_epoch"] in (1, 2)
+    assert result["time"]["train_ms"] > 0 and result["time"]["total_ms"] >= result["time"]["train_ms"]
+    assert result["device"].startswith("cpu")
+    assert len(result["history"]) == 2
+    assert result["metrics"]["test/acc"] == returned["metrics"]["test/acc"]
+
+
+def test_tensorboard_has_every_epoch_and_test_once(smoke_run):
+    out, result = smoke_run
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in EPOCH_TAGS:
+        assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
+    test_acc = events.Scalars("test/acc")
+    assert len(test_acc) == 1
+    assert test_acc[0].value == pytest.approx(result["metrics"]["test/acc"])
+    assert "test/auroc" in tags
+    assert "inputs/train" in events.Tags()["images"]
+
+
+def test_checkpoints_load_with_weights_only(smoke_run):
+    out, result = smoke_run
+    best = torch.load(out / "best.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert best["epoch"] == result["best_epoch"]
+    assert best["classes"] == ["NORMAL", "PNEUMONIA"]
+    assert last["epoch"] == 2 and "optimizer" in last and "rng" in last
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt"]
+
+
+def test_corrupt_and_zero_byte_images_are_skipped_and_counted(make_cfg, tmp_path, cache_dir):
+    root = tmp_path / "data"
+    source = next(cache_dir.glob("synthetic/*/manifest.json")).parent
+    for split in ("train", "test"):
+        for label in ("NORMAL", "PNEUMONIA"):
+            (root / split / label).mkdir(parents=True)
+            for f in sorted((source / split / label).iterdir())[:20]:
+                shutil.copy(f, root / split / label / f.name)
+    (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"")
+    good = sorted((root / "train" / "PNEUMONIA").iterdir())[0].read_bytes()
+    (root / "train" / "PNEUMONIA" / "person9999_virus_1.jpeg").write_bytes(good[: len(good) // 3])
+    cfg = make_cfg("debug=smoke", "data=chest_xray", f"data.root={root}", "model.weights=null",
+                   "data.image_size=32", "trainer.epochs=1", "data.limit=null")
+    result = run(cfg, tmp_path / "out")
+    assert result["status"] == "ok"
+    assert result["data"]["skipped_files"] == 2
+    assert sorted(os.path.basename(p) for p in result["data"]["skipped"]) == [
+        "IM-9999-0001.jpeg", "person9999_virus_1.jpeg"]
+
+
+def test_missing_root_is_one_line_and_non_zero(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "data=chest_xray", "data.root=/nonexistent",
+                           "model.weights=null", f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "/nonexistent" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+
+
+def test_typo_fails_at_compose_time_without_running(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "model.dens=8", f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "dens" in proc.stderr and not (tmp_path / "result.json").exists()
+
+
+def test_invalid_value_fails_before_any_work(make_cfg, tmp_path):
+    result = run_safely(make_cfg("debug=smoke", "model.dense=0"), tmp_path, ["model.dense=0"], resume=False)
+    assert result["status"] == "failed" and "model.dense" in result["error"]
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("events*"))
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_embedded_dataset(tmp_path):
+    """`python -m cxr.train` with no arguments: AUROC >= 0.90 and above the majority rate."""
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "trainer.progress=false",
+                           f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["metrics"]["test/auroc"] >= 0.90
+    assert result["metrics"]["test/acc"] > result["majority_rate"]
+
+
+@pytest.mark.slow
+def test_real_images_from_scratch_at_64px(shared_data, make_cfg, tmp_path):
+    cfg = make_cfg("data=chest_xray", f"data.root={shared_data / 'cxr-real'}", "model.weights=null",
+                   "data.image_size=64", "trainer.epochs=4", "optimizer.lr=1e-4", "trainer.progress=false")
+    result = run(cfg, tmp_path)
+    assert result["metrics"]["test/auroc"] >= 0.85

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 # bump when the layout changes: older files are refused with a message instead of misread
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class CheckpointError(Exception):
@@ -26,6 +26,9 @@ def save_checkpoint(state: dict, path: Path) -> None:
     try:
         torch.save({"version": CHECKPOINT_VERSION, **state}, tmp)
         os.replace(tmp, path)
+    except OSError as error:  # disk full, quota, permissions: say so in one line
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} yet"
+        raise CheckpointError(f"cannot write {path}: {error.strerror or error}; {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -46,7 +49,9 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        # the whole MT19937 state, including the cached second Gaussian of a Box-Muller pair
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -55,8 +60,10 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((3, tuple(py[:-1]), py[-1] or None))
-    keys = state["numpy"]["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy"]["pos"], 0, 0.0))
+    np_state = state["numpy"]
+    keys = np_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        ("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

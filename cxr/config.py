@@ -76,6 +76,7 @@ class OptimizerConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 20
+    # per process: under torchrun --nproc_per_node=N an optimizer step sees N x batch_size images
     batch_size: int = 32
     eval_batch_size: int = 128
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -121,10 +122,18 @@ def rank_dir(path: str) -> str:
     return path if rank == 0 else os.path.join(tempfile.gettempdir(), f"cxr-rank{rank}-{os.getpid()}")
 
 
+def gpu_count() -> int:
+    """The GPUs this machine shows, at least 1: n_jobs of conf/hydra/launcher/per_gpu.yaml."""
+    import torch  # here, not at the top: composing a config does not need torch otherwise
+
+    return max(1, torch.cuda.device_count())
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("cxr_slug", slug, replace=True)
     OmegaConf.register_new_resolver("cxr_rank_dir", rank_dir, replace=True)
+    OmegaConf.register_new_resolver("cxr_gpu_count", gpu_count, replace=True)
 
 
 register_configs()

@@ -27,8 +27,8 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 def train_one_epoch(model, optimizer, batches: Iterable, *, device: torch.device, epoch: int,
                     amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-                    grad_clip: float | None = None, log_every: int = 10, total: int | None = None, progress: bool = True,
-                    should_stop=lambda: False) -> dict:
+                    grad_clip: float | None = None, log_every: int = 10, total: int | None = None,
+                    progress: bool = True, should_stop=lambda: False) -> dict:
     """Train on every (inputs, labels) batch once; {"loss", "acc"} averaged over images, all ranks."""
     model.train()
     loss_sum = torch.zeros((), device=device)

@@ -1,26 +1,27 @@
 """Classification metrics (scikit-learn), the decision threshold, and bootstrap intervals.
 
 Binary data (NORMAL vs PNEUMONIA): probabilities of the positive class are compared with a
-threshold chosen on validation; sensitivity is the recall of PNEUMONIA, specificity that of NORMAL.
-More classes (e.g. NORMAL/BACTERIA/VIRUS): argmax decisions and macro-averaged metrics.
+threshold chosen on validation; sensitivity, precision and F1 are those of PNEUMONIA, specificity
+is the recall of NORMAL. More classes (e.g. NORMAL/BACTERIA/VIRUS): argmax decisions and macro
+averages, i.e. the unweighted mean over classes of the one-vs-rest values.
+
+A metric that the data leave undefined (sensitivity without positives, precision without positive
+decisions, AUROC with one class present) is NaN, which result.json writes as null, rather than a
+made-up 0 that would read as a real, bad score.
 """
 
 import math
+from collections import defaultdict
 
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
+    multilabel_confusion_matrix,
+    precision_recall_fscore_support,
     roc_auc_score,
     roc_curve,
 )
-
-# the metrics that get 95% bootstrap intervals on the test split
-INTERVAL_METRICS = ("acc", "auroc", "sensitivity", "specificity")
 
 
 def predict(probs: np.ndarray, threshold: float, positive: int) -> np.ndarray:
@@ -32,87 +33,94 @@ def predict(probs: np.ndarray, threshold: float, positive: int) -> np.ndarray:
 
 def auroc(labels: np.ndarray, probs: np.ndarray, positive: int) -> float:
     """ROC AUC (one-vs-rest macro for more classes); NaN when a class is absent."""
-    present = np.unique(labels)
-    if len(present) < probs.shape[1]:
+    if len(np.unique(labels)) < probs.shape[1]:
         return math.nan
     if probs.shape[1] == 2:
         return float(roc_auc_score(labels == positive, probs[:, positive]))
     return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float, positive: int) -> dict:
-    """accuracy, balanced accuracy, AUROC, sensitivity, specificity, precision, F1 (+ confusion)."""
+def scalar_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float, positive: int) -> dict:
+    """acc, balanced_acc, auroc, sensitivity, specificity, precision, f1 (NaN if undefined)."""
     preds = predict(probs, threshold, positive)
-    classes = list(range(probs.shape[1]))
-    binary = len(classes) == 2
-    negative = 1 - positive
-    metrics = {
+    classes = np.arange(probs.shape[1])
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, preds, labels=classes, average=None, zero_division=np.nan)
+    # one-vs-rest 2x2 tables [[tn, fp], [fn, tp]]: specificity of class k is tn / (tn + fp)
+    tables = multilabel_confusion_matrix(labels, preds, labels=classes)
+    tn, fp = tables[:, 0, 0], tables[:, 0, 1]
+    with np.errstate(invalid="ignore"):  # no negatives for a class: its specificity is NaN
+        specificity = tn / (tn + fp)
+    return {
         "acc": float(accuracy_score(labels, preds)),
-        "balanced_acc": float(balanced_accuracy_score(labels, preds)) if len(np.unique(labels)) > 1
-        else float(accuracy_score(labels, preds)),
+        # = sklearn's balanced_accuracy_score (mean recall over the classes present), without its
+        # warning when a resample or a split holds one class only
+        "balanced_acc": _mean(recall),
         "auroc": auroc(labels, probs, positive),
+        "sensitivity": _pick(recall, positive),
+        "specificity": _pick(specificity, positive),
+        "precision": _pick(precision, positive),
+        "f1": _pick(f1, positive),
     }
-    if binary:
-        metrics["sensitivity"] = float(recall_score(labels, preds, pos_label=positive, zero_division=0))
-        metrics["specificity"] = float(recall_score(labels, preds, pos_label=negative, zero_division=0))
-        metrics["precision"] = float(precision_score(labels, preds, pos_label=positive, zero_division=0))
-        metrics["f1"] = float(f1_score(labels, preds, pos_label=positive, zero_division=0))
-    else:
-        metrics["sensitivity"] = float(recall_score(labels, preds, labels=classes, average="macro", zero_division=0))
-        metrics["specificity"] = macro_specificity(labels, preds, classes)
-        metrics["precision"] = float(precision_score(labels, preds, labels=classes, average="macro", zero_division=0))
-        metrics["f1"] = float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0))
-    metrics["confusion"] = confusion_matrix(labels, preds, labels=classes).tolist()
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float,
+                           positive: int) -> dict:
+    """scalar_metrics() plus the confusion matrix (rows: true class, columns: decision)."""
+    metrics = scalar_metrics(labels, probs, threshold, positive)
+    classes = np.arange(probs.shape[1])
+    metrics["confusion"] = confusion_matrix(labels, predict(probs, threshold, positive),
+                                            labels=classes).tolist()
     return metrics
 
 
-def macro_specificity(labels: np.ndarray, preds: np.ndarray, classes: list[int]) -> float:
-    """Mean over classes of the true-negative rate of that class against the rest."""
-    cm = confusion_matrix(labels, preds, labels=classes)
-    total = cm.sum()
-    rates = []
-    for k in classes:
-        negatives = total - cm[k, :].sum()
-        true_negatives = negatives - (cm[:, k].sum() - cm[k, k])
-        rates.append(true_negatives / negatives if negatives else 0.0)
-    return float(np.mean(rates))
+def _pick(per_class: np.ndarray, positive: int) -> float:
+    """The positive class's value for two classes; the macro average for more."""
+    return float(per_class[positive]) if len(per_class) == 2 else _mean(per_class)
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean over the classes where the value is defined (as sklearn's zero_division=nan does)."""
+    return float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
 
 
 def choose_threshold(rule: str, labels: np.ndarray, probs: np.ndarray, positive: int) -> float:
-    """The decision threshold, from validation only: a fixed number, or Youden's J (max TPR-FPR)."""
+    """The decision threshold, from validation only: a fixed number, or Youden's J (max TPR-FPR).
+
+    Youden needs two classes in the labels; with more classes the decision is an argmax and the
+    threshold is not used.
+    """
     if rule != "youden":
         return float(rule)
     if probs.shape[1] != 2 or len(np.unique(labels)) < 2:
         return 0.5
     fpr, tpr, thresholds = roc_curve(labels == positive, probs[:, positive])
     best = int(np.argmax(tpr - fpr))
+    # roc_curve's first threshold (nothing positive) is inf: a probability never exceeds 1
     return float(min(thresholds[best], 1.0))
 
 
 def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, positive: int,
                         resamples: int = 1000, seed: int = 0) -> dict:
-    """95% percentile intervals of the test metrics over `resamples` resamples of the images."""
+    """95% percentile intervals of every scalar metric over `resamples` resamples of the images.
+
+    The seed is fixed, so a run reports the same intervals every time. Resamples where a metric
+    is undefined (e.g. no positive drawn) are left out of that metric's interval.
+    """
     if resamples <= 0:
         return {}
     rng = np.random.default_rng(seed)
-    preds = predict(probs, threshold, positive)
-    n = len(labels)
-    values = {name: [] for name in INTERVAL_METRICS}
+    samples = defaultdict(list)
     for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        y, p = labels[idx], preds[idx]
-        values["acc"].append(np.mean(y == p))
-        values["auroc"].append(auroc(y, probs[idx], positive))
-        if probs.shape[1] == 2:
-            pos, neg = y == positive, y != positive
-            values["sensitivity"].append(np.mean(p[pos] == positive) if pos.any() else math.nan)
-            values["specificity"].append(np.mean(p[neg] != positive) if neg.any() else math.nan)
+        idx = rng.integers(0, len(labels), len(labels))
+        for name, value in scalar_metrics(labels[idx], probs[idx], threshold, positive).items():
+            samples[name].append(value)
     intervals = {}
-    for name, samples in values.items():
-        samples = np.asarray(samples, dtype=float)
-        samples = samples[~np.isnan(samples)]
-        if len(samples):
-            intervals[name] = [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
+    for name, values in samples.items():
+        values = np.asarray(values)
+        values = values[~np.isnan(values)]
+        if len(values):
+            intervals[name] = [float(v) for v in np.percentile(values, [2.5, 97.5])]
     return intervals
 
 

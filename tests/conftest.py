@@ -20,9 +20,9 @@ def cache_dir(tmp_path_factory):
     return Path(path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_cfg():
-    """Compose conf/train.yaml with overrides, as `python -m cxr.train` would."""
+    """Compose conf/train.yaml with overrides, as `python -m cxr.train` would; any scope uses it."""
 
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -38,3 +38,12 @@ def shared_data() -> Path:
     if not root or not Path(root, "cxr-real").is_dir():
         pytest.skip("CXR_SHARED_DATA is not set to the folder holding cxr-real/ and cxr-fullres/")
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def embedded_root(make_cfg, cache_dir) -> Path:
+    """The embedded dataset's folder, generated on first use (tests copy images out of it)."""
+    from cxr.synthetic import ensure_synthetic
+
+    data = make_cfg().data
+    return ensure_synthetic(data.root, data.synthetic)

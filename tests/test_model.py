@@ -25,7 +25,8 @@ def test_seed_head_two_hidden_layers_of_16(make_cfg):
 
 
 @pytest.mark.parametrize(("pooling", "size", "features"),
-                         [("flatten", 224, 100_352), ("flatten", 64, 8192), ("avg", 224, 2048), ("flatten", 200, 100_352)])
+                         [("flatten", 224, 100_352), ("flatten", 64, 8192), ("avg", 224, 2048),
+                          ("flatten", 200, 100_352)])
 def test_feature_count_matches_the_backbone(make_cfg, pooling, size, features):
     cfg = make_cfg(f"model.pooling={pooling}", f"data.image_size={size}")
     model = build_model(cfg.model, size, num_classes=2).eval()

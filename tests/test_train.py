@@ -17,22 +17,10 @@ EPOCH_TAGS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/auroc")
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, make_cfg_module):
+def smoke_run(tmp_path_factory, make_cfg):
     out = tmp_path_factory.mktemp("run")
-    result = run(make_cfg_module("debug=smoke"), out, overrides=["debug=smoke"])
+    result = run(make_cfg("debug=smoke"), out, overrides=["debug=smoke"])
     return out, result
-
-
-@pytest.fixture(scope="module")
-def make_cfg_module():
-    from hydra import compose, initialize_config_dir
-
-    from tests.conftest import CONF_DIR
-
-    def _compose(*overrides):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
-    return _compose
 
 
 def test_result_json_follows_the_contract(smoke_run):
@@ -80,9 +68,9 @@ def test_checkpoints_load_with_weights_only(smoke_run):
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt"]
 
 
-def test_corrupt_and_zero_byte_images_are_skipped_and_counted(make_cfg, tmp_path, cache_dir):
+def test_corrupt_and_zero_byte_images_are_skipped_and_counted(make_cfg, tmp_path, embedded_root):
     root = tmp_path / "data"
-    source = next(cache_dir.glob("synthetic/*/manifest.json")).parent
+    source = embedded_root
     for split in ("train", "test"):
         for label in ("NORMAL", "PNEUMONIA"):
             (root / split / label).mkdir(parents=True)

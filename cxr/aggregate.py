@@ -1,0 +1,500 @@
+"""A sweep's report: every job's result.json -> results.md, results.csv, results.png, curves.png.
+
+    python -m cxr.aggregate outputs/sweeps/<stamp>     # exits 1 when a job did not finish ok
+
+The same `aggregate()` runs as a Hydra callback at the end of every multirun (conf/train.yaml,
+`hydra.callbacks`). It reads each job's result.json from disk, never the sweep's memory: jobs may
+have run in other processes (joblib) or on other machines (submitit), and a report can be rebuilt
+at any time. A job that failed is a row marked with its status and error; the report is written
+all the same, and the command then exits 1.
+
+Jobs that differ only in `seed` are grouped into one row per variant: mean ± std over the seeds,
+n, and a 95% interval of the mean test accuracy. results.md then lists the single jobs as well;
+results.csv always holds one row per job.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are written, never shown
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from scipy import stats  # noqa: E402
+
+log = logging.getLogger("cxr.aggregate")
+
+RESULT_FILE = "result.json"  # written by cxr.train into each job's folder
+OK = "ok"
+MISSING = "missing"  # a job folder without result.json: killed hard, or still running
+CONFIDENCE = 0.95
+REPORT_FILES = ("results.md", "results.csv", "results.png", "curves.png")
+SPLIT_COLORS = (("train", "tab:blue"), ("val", "tab:orange"))
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str  # results.md and the terminal (the seed's names come first)
+    key: str  # results.csv: the name used in result.json and TensorBoard
+    kind: str = "text"  # how it is shown: text | int | percent | auroc | lr | ms | interval | flag
+    better: str | None = None  # max | min for metrics: the best value is bold, seeds are averaged
+
+
+SEED_COLUMNS = (
+    Column("Model", "model"),
+    Column("Hidden Layer", "model.hidden_layers", "int"),
+    Column("Dense Count", "model.dense", "int"),
+    Column("Learning Rate", "optimizer.lr", "lr"),
+    Column("Accuracy", "test/acc", "percent", "max"),
+    Column("Learning Time(ms)", "time.train_ms", "ms", "min"),
+)
+COLUMNS = SEED_COLUMNS + (
+    Column("Accuracy 95% CI", "test/acc_ci95", "interval"),
+    Column("Val Accuracy", "val/acc", "percent", "max"),
+    Column("Val AUROC", "val/auroc", "auroc", "max"),
+    Column("Test AUROC", "test/auroc", "auroc", "max"),
+    Column("Sensitivity", "test/sensitivity", "percent", "max"),
+    Column("Specificity", "test/specificity", "percent", "max"),
+    Column("Best Epoch", "best_epoch", "int"),
+    Column("Epochs", "epochs", "int"),
+    Column("Seed", "seed", "int"),
+    Column("Weights", "model.weights"),
+    Column("Device", "device"),
+    Column("Status", "status"),
+    Column("Error", "error"),
+    Column("Best (val AUROC)", "best_val_auroc", "flag"),
+)
+N_COLUMN = Column("n", "n", "int")  # grouped rows only: the seeds that finished
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A metric over seeds: mean, sample standard deviation (NaN for one seed) and n."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list) -> "Spread | None":
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if not values:
+            return None
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+        return cls(float(np.mean(values)), std, len(values))
+
+
+@dataclass
+class Report:
+    jobs: list[dict]  # one row per job, raw values keyed by Column.key
+    variants: list[dict] | None  # one row per variant over seeds; None when no seeds were repeated
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(row["status"] == OK for row in self.jobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the sweep
+
+
+def job_number(job_dir: Path) -> tuple:
+    """Hydra's job folders start with the job number (`12_model.dense=8`): sort 2 before 10."""
+    match = re.match(r"(\d+)_", job_dir.name)
+    return (int(match.group(1)) if match else math.inf, job_dir.name)
+
+
+def read_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:
+    """(job dir, result.json) for every job folder, in job order; a job without one is 'missing'."""
+    job_dirs = {p.parent for p in sweep_dir.glob(f"*/{RESULT_FILE}")}
+    job_dirs |= {p.parent for p in sweep_dir.glob("*/.hydra")}
+    jobs = []
+    for job_dir in sorted(job_dirs, key=job_number):
+        path = job_dir / RESULT_FILE
+        if path.exists():
+            jobs.append((job_dir, json.loads(path.read_text())))
+        else:
+            error = f"no {RESULT_FILE}: killed, or still running"
+            jobs.append((job_dir, {"status": MISSING, "error": error}))
+    return jobs
+
+
+def parse_overrides(result: dict) -> dict[str, str]:
+    """{key: override} of a job's command-line overrides (`+x=1` and `x=1` share the key x)."""
+    return {o.split("=", 1)[0].lstrip("+~"): o for o in result.get("overrides") or []}
+
+
+def model_label(result: dict, varying: list[str]) -> str:
+    """The variant name plus the overrides that tell this job apart from the others in the sweep."""
+    variant = result.get("variant") or "custom"
+    overrides = parse_overrides(result)
+    # `experiment=resultset3` says nothing the variant name does not say already
+    parts = [overrides[k] for k in varying
+             if k in overrides and overrides[k] != f"experiment={variant}"]
+    return " ".join(([variant] if variant != "custom" else []) + parts) or variant
+
+
+def job_row(job_dir: Path, result: dict, label: str) -> dict:
+    model, metrics = result.get("model") or {}, result.get("metrics") or {}
+    interval = (result.get("intervals") or {}).get("test/acc")
+    return {
+        "job": job_dir.name, "overrides": " ".join(result.get("overrides") or []), "model": label,
+        "model.hidden_layers": model.get("hidden_layers"), "model.dense": model.get("dense"),
+        "optimizer.lr": (result.get("optimizer") or {}).get("lr"),
+        "time.train_ms": (result.get("time") or {}).get("train_ms"),
+        **{c.key: metrics.get(c.key) for c in COLUMNS if c.key.startswith(("test/", "val/"))},
+        "test/acc_ci95": tuple(interval) if interval else None,
+        "best_epoch": result.get("best_epoch"), "epochs": result.get("epochs"),
+        "seed": result.get("seed"),
+        # weights null (random init) is shown as Hydra spells it, not as a missing value
+        "model.weights": str(model.get("weights") or "null") if model else None,
+        "device": result.get("device"), "status": result.get("status", MISSING),
+        "error": result.get("error"), "best_val_auroc": False,
+        "history": result.get("history") or [], "test_size": (result.get("data") or {}).get("test"),
+    }
+
+
+def variant_row(label: str, jobs: list[dict]) -> dict:
+    """One variant over its seeds: metrics as Spread over the jobs that finished, the rest as is."""
+    finished = [job for job in jobs if job["status"] == OK]
+    failed = [job for job in jobs if job["status"] != OK]
+    row = {"model": label, "n": len(finished), "jobs": jobs, "best_val_auroc": False,
+           "status": OK if not failed else f"{len(finished)}/{len(jobs)} ok",
+           "error": failed[0]["error"] if failed else None}
+    for column in COLUMNS:
+        if column.key in row or column.kind == "interval":  # set above, or below
+            continue
+        values = [job[column.key] for job in (finished or jobs)]
+        if column.better:
+            row[column.key] = Spread.of(values)
+        else:  # one value when the seeds agree (they do for the config), else the distinct ones
+            distinct = list(dict.fromkeys(v for v in values if v is not None))
+            row[column.key] = distinct[0] if len(distinct) == 1 else (distinct or None)
+    test_size = next((job["test_size"] for job in jobs if job["test_size"]), None)
+    row["test/acc_ci95"] = accuracy_interval(row["test/acc"], test_size)
+    return row
+
+
+def accuracy_interval(accuracy: Spread | None, test_size: int | None) -> tuple | None:
+    """95% interval of a variant's mean test accuracy over its seeds, from two error sources
+    whose half-widths add in quadrature: how training varies with the seed (Student-t, n-1
+    degrees of freedom) and which images the test set happens to hold (normal approximation,
+    p(1-p)/N; every seed is tested on the same N images, so averaging seeds does not shrink it).
+    None for a single seed: its seed-to-seed part is unknown."""
+    if accuracy is None or accuracy.n < 2:
+        return None
+    p, tail = accuracy.mean, (1 + CONFIDENCE) / 2
+    seed_half = stats.t.ppf(tail, accuracy.n - 1) * accuracy.std / math.sqrt(accuracy.n)
+    test_half = stats.norm.ppf(tail) * math.sqrt(p * (1 - p) / test_size) if test_size else 0.0
+    half = math.hypot(seed_half, test_half)
+    return (max(0.0, p - half), min(1.0, p + half))
+
+
+def number(value) -> float:
+    """The comparable number of a cell: a Spread's mean; NaN when there is none."""
+    value = value.mean if isinstance(value, Spread) else value
+    return math.nan if value is None else float(value)
+
+
+def mark_best(rows: list[dict]) -> None:
+    """Flag the finished row with the highest validation AUROC: how a variant or an Optuna trial
+    is chosen. Test metrics never take part: picking by them would overstate the result."""
+    candidates = [r for r in rows if r["status"] == OK and not math.isnan(number(r["val/auroc"]))]
+    if candidates:
+        best = max(candidates, key=lambda r: number(r["val/auroc"]))  # ties: the first job
+        best["best_val_auroc"] = True
+
+
+def build_report(jobs: list[tuple[Path, dict]]) -> Report:
+    overrides = [parse_overrides(result) for _, result in jobs]
+    keys = list(dict.fromkeys(k for job in overrides for k in job))
+    varying = [k for k in keys if len({job.get(k) for job in overrides}) > 1]
+    rows = [job_row(d, r, model_label(r, varying)) for d, r in jobs]
+    mark_best(rows)
+    groups: dict[str, list[dict]] = {}
+    for (_, result), row in zip(jobs, rows, strict=True):
+        groups.setdefault(model_label(result, [k for k in varying if k != "seed"]), []).append(row)
+    if all(len(members) == 1 for members in groups.values()):
+        return Report(rows, None)
+    variants = [variant_row(label, members) for label, members in groups.items()]
+    mark_best(variants)
+    return Report(rows, variants)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing it
+
+
+def show(value, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, Spread):
+        mean = show(value.mean, kind)
+        return mean if value.n < 2 else f"{mean} ± {show(value.std, kind)}"
+    if isinstance(value, list):  # the distinct values of a group
+        return ", ".join(show(v, kind) for v in value)
+    if kind == "percent":
+        return f"{100 * value:.1f}"
+    if kind == "interval":
+        return f"[{100 * value[0]:.1f}, {100 * value[1]:.1f}]"
+    if kind == "auroc":
+        return f"{value:.3f}"
+    if kind == "lr":
+        return f"{value:g}"
+    if kind == "ms":
+        return f"{value:.0f}"
+    if kind == "flag":
+        return "yes" if value else ""
+    return str(value)
+
+
+def best_values(rows: list[dict], columns) -> dict[str, float]:
+    """The best number of each metric column over the finished rows (bold in the table)."""
+    best = {}
+    for column in (c for c in columns if c.better):
+        values = [number(r[column.key]) for r in rows if r["status"] == OK]
+        values = [v for v in values if not math.isnan(v)]
+        if values:
+            best[column.key] = max(values) if column.better == "max" else min(values)
+    return best
+
+
+def markdown_table(rows: list[dict], columns) -> str:
+    """A Markdown table padded to line up in a terminal too; the best of each metric in bold."""
+    # columns that no row fills (no errors, no bootstrap) are left out; the seed's always stay
+    columns = [c for c in columns if c in SEED_COLUMNS
+               or any(show(r.get(c.key), c.kind) not in ("—", "") for r in rows)]
+    best = best_values(rows, columns)
+    lines = [[c.header for c in columns]]
+    for row in rows:
+        cells = []
+        for column in columns:
+            # a `|` in an error ("flatten|avg") would split the cell
+            text = show(row[column.key], column.kind).replace("|", "\\|")
+            # compared as shown: values that print the same are equally best
+            is_best = (column.key in best and row["status"] == OK
+                       and show(number(row[column.key]), column.kind)
+                       == show(best[column.key], column.kind))
+            cells.append(f"**{text}**" if is_best else text)
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    right = [c.kind not in ("text", "flag") for c in columns]
+
+    def render(cells):
+        padded = (t.rjust(w) if r else t.ljust(w)
+                  for t, w, r in zip(cells, widths, right, strict=True))
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right, strict=True))
+    return "\n".join([render(lines[0]), f"|{rule}|", *(render(cells) for cells in lines[1:])])
+
+
+def notes(report: Report) -> list[str]:
+    """What the numbers mean, and which differences in test accuracy are real."""
+    sizes = sorted({job["test_size"] for job in report.jobs if job["test_size"]})
+    lines = ["Accuracy: test accuracy (%) of the checkpoint and decision threshold chosen on "
+             "validation. Learning Time(ms): wall time of training and validation. **Bold**: the "
+             "best value of a metric column."]
+    if sizes:
+        steps = ", ".join(f"{100 / n:.2f} points (N = {n})" for n in sizes)
+        lines.append(f"One test image is 100/N = {steps} of accuracy: smaller differences are "
+                     "ties.")
+    if report.variants is not None:
+        lines.append("Variants: mean ± std over seeds (sample std), n = seeds that finished. "
+                     "Accuracy 95% CI: for the mean over seeds, combining how training varies "
+                     "with the seed (Student-t, n-1 degrees of freedom) with the test set's own "
+                     "sampling error (normal approximation, p(1-p)/N, not reduced by more seeds: "
+                     "they share the test images); half-widths added in quadrature, clipped to "
+                     "[0, 100]. Jobs: percentile bootstrap over the test images.")
+    else:
+        lines.append("Accuracy 95% CI: percentile bootstrap over the test images "
+                     "(trainer.bootstrap resamples): the test set's sampling error only; sweep "
+                     "`seed=0,1,2` to see how much training itself varies.")
+    lines.append("Best (val AUROC): the row with the highest validation AUROC, which is how a "
+                 "variant or an Optuna trial is chosen; test metrics never take part in the "
+                 "choice.")
+    rows = report.variants if report.variants is not None else report.jobs
+    chosen = next((r for r in rows if r["best_val_auroc"]), None)
+    if chosen is not None and chosen["test/acc_ci95"] is not None:
+        low, high = chosen["test/acc_ci95"]
+        others = [r for r in rows if r is not chosen and r["test/acc_ci95"] is not None]
+        apart = [r["model"] for r in others
+                 if r["test/acc_ci95"][1] < low or r["test/acc_ci95"][0] > high]
+        within = [r["model"] for r in others if r["model"] not in apart]
+        lines.append(f"Real differences: 95% intervals that do not overlap the chosen row's "
+                     f"({chosen['model']}, [{100 * low:.1f}, {100 * high:.1f}]): "
+                     f"{', '.join(apart) or 'none'}; within noise of it: "
+                     f"{', '.join(within) or 'none'} (non-overlap is a conservative test).")
+    return lines
+
+
+def write_markdown(report: Report, path: Path) -> str:
+    """results.md; returns the main table (variants when seeds were repeated, else jobs)."""
+    if report.variants is None:
+        main = markdown_table(report.jobs, COLUMNS)
+        sections = [main]
+    else:
+        main = markdown_table(report.variants, COLUMNS[:7] + (N_COLUMN,) + COLUMNS[7:])
+        sections = [main, "## Jobs", markdown_table(report.jobs, COLUMNS)]
+    body = "\n\n".join(["# Sweep results", *sections, "\n".join(f"- {n}" for n in notes(report))])
+    path.write_text(body + "\n")
+    return main
+
+
+def write_csv(jobs: list[dict], path: Path) -> None:
+    """One row per job with raw values (fractions, not percent), keyed by the result.json names."""
+    header = ["job", "overrides"]
+    for column in COLUMNS:
+        is_interval = column.kind == "interval"
+        header += [f"{column.key}_low", f"{column.key}_high"] if is_interval else [column.key]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        for job in jobs:
+            row = {k: ("" if v is None else v) for k, v in job.items()}
+            low, high = job["test/acc_ci95"] or ("", "")
+            row.update({"test/acc_ci95_low": low, "test/acc_ci95_high": high,
+                        "best_val_auroc": str(job["best_val_auroc"]).lower()})
+            writer.writerow(row)
+
+
+def plot_results(rows: list[dict], path: Path) -> None:
+    """The seed's result chart: test accuracy (with its 95% interval) and learning time per row."""
+    labels = [r["model"] for r in rows]
+    y = np.arange(len(rows))
+    accuracy = np.array([100 * number(r["test/acc"]) for r in rows])
+    seconds = np.array([number(r["time.train_ms"]) / 1000 for r in rows])
+    # spread over seeds for grouped rows; a single job has none
+    seconds_std = [getattr(r["time.train_ms"], "std", math.nan) / 1000 for r in rows]
+    intervals = [r["test/acc_ci95"] or (math.nan, math.nan) for r in rows]
+    errors = np.abs(np.array([[100 * lo, 100 * hi] for lo, hi in intervals]).T - accuracy)
+    fig, (ax_acc, ax_time) = plt.subplots(1, 2, sharey=True, figsize=(11, 1.5 + 0.45 * len(rows)))
+    # points with intervals, not bars from zero: the seed's variants differ by tenths of a point
+    ax_acc.errorbar(accuracy, y, xerr=np.nan_to_num(errors), fmt="o", capsize=3)
+    ax_acc.set_xlabel("test accuracy (%) with 95% interval")
+    ax_time.barh(y, np.nan_to_num(seconds), xerr=np.nan_to_num(seconds_std), color="tab:gray")
+    ax_time.set_xlabel("learning time (s)")
+    for i, row in enumerate(rows):
+        if row["status"] != OK:
+            ax_time.text(0, i, f"  {row['status']}", va="center", color="tab:red")
+    ax_acc.set_yticks(y, labels)
+    ax_acc.invert_yaxis()  # first job on top, as in the table
+    for ax in (ax_acc, ax_time):
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("test accuracy and learning time per variant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """The seed's per-variant graphs: loss (left axis) and accuracy (right axis) per epoch, one
+    panel per row; every seed of a variant is drawn in its panel."""
+    columns = min(4, len(rows))
+    grid_rows = math.ceil(len(rows) / columns)
+    fig, axes = plt.subplots(grid_rows, columns, squeeze=False,
+                             figsize=(4.2 * columns, 3.2 * grid_rows))
+    for ax, row in zip(axes.flat, rows, strict=False):
+        ax.set_title(row["model"], fontsize=9)
+        jobs = [job for job in row.get("jobs", [row]) if job["history"]]
+        if not jobs:  # failed before its first epoch
+            ax.text(0.5, 0.5, f"{row['status']}\n{row['error'] or ''}"[:120], ha="center",
+                    va="center", wrap=True, color="tab:red", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        ax_acc = ax.twinx()
+        for job in jobs:
+            epochs = [h["epoch"] for h in job["history"]]
+            alpha = 1.0 if len(jobs) == 1 else 0.6
+            for split, color in SPLIT_COLORS:
+                ax.plot(epochs, [h[f"{split}/loss"] for h in job["history"]], color=color,
+                        alpha=alpha)
+                ax_acc.plot(epochs, [h[f"{split}/acc"] for h in job["history"]], color=color,
+                            alpha=alpha, linestyle="--")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.set_ylim(0, 1)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    legend = [(split, color, style) for style in ("-", "--") for split, color in SPLIT_COLORS]
+    fig.legend([Line2D([], [], color=color, linestyle=style) for _, color, style in legend],
+               [f"{split} {'loss' if style == '-' else 'acc'}" for split, color, style in legend],
+               loc="upper center", ncols=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the legend
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def aggregate(sweep_dir: str | Path) -> Report:
+    """Read every job's result.json under `sweep_dir`, write the report files into it, print the
+    table. Raises FileNotFoundError when the folder holds no job."""
+    sweep_dir = Path(sweep_dir)
+    jobs = read_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"no job folders with {RESULT_FILE} under {sweep_dir}")
+    report = build_report(jobs)
+    rows = report.variants if report.variants is not None else report.jobs
+    markdown, table_csv, chart, curves = (sweep_dir / name for name in REPORT_FILES)
+    table = write_markdown(report, markdown)
+    write_csv(report.jobs, table_csv)
+    plot_results(rows, chart)
+    plot_curves(rows, curves)
+    report.files = [markdown, table_csv, chart, curves]
+    failed = [job for job in report.jobs if job["status"] != OK]
+    print(f"\n{table}\n")
+    if failed:
+        print(f"{len(failed)} of {len(report.jobs)} jobs did not finish ok: "
+              + "; ".join(f"{job['job']}: {job['status']} ({job['error']})" for job in failed))
+    print("report: " + ", ".join(str(p) for p in report.files), flush=True)
+    return report
+
+
+class AggregateCallback(Callback):
+    """Registered in conf/train.yaml (`hydra.callbacks`): the report at the end of each multirun.
+
+    Hydra turns an exception in a callback into a warning and exits 0; SystemExit is not an
+    Exception, so raising it after the report is written makes the multirun exit 1 when any job
+    failed (cxr.train's task function catches each job's error so that this point is reached).
+    """
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            report = aggregate(sweep_dir)
+        except Exception:  # a sweep without its report has failed, whatever Hydra thinks
+            log.exception("could not write the report of %s", sweep_dir)
+            raise SystemExit(1) from None
+        if not report.ok:
+            raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxr.aggregate",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun folder: outputs/sweeps/<stamp>")
+    args = parser.parse_args(argv)
+    try:
+        report = aggregate(args.sweep_dir)
+    except FileNotFoundError as error:
+        parser.error(str(error))  # exits 2
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

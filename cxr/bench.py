@@ -1,0 +1,398 @@
+"""`python -m cxr.bench`: where the time goes, measured side by side in one run on the same images.
+
+    loader  img/s at --size: the naive torchvision pipeline (ImageFolder + PIL + Resize + ToTensor
+            in a DataLoader with a worker per core) vs building our decode-once cache vs reading
+            it into the uint8 batches the trainer gets (and, apart, normalising them on the CPU)
+    train   img/s at --train-size: a bare forward/backward/step loop over in-memory tensors vs the
+            real trainer (engine.train_one_epoch on data.train_batches + preprocess), same model,
+            optimizer, batch and precision
+    frozen  one backbone pass over the images vs the seed's seven head variants (conf/experiment)
+            trained on cached features for their epochs, the one-time extraction included
+    gpu     CUDA only: trainer img/s at --size with AMP and channels_last, and the share of the
+            wall time in which the GPU ran a kernel or a copy
+
+Model, optimizer, precision and memory format come from conf/train.yaml, as `python -m cxr.train`
+composes them (weights=null: the timing does not depend on them). Images: the full-resolution
+originals in $CXR_SHARED_DATA/cxr-fullres when set, else generated ones of their sizes and bytes
+per pixel; the few files are repeated through symlinks to --count so timings are stable. The
+alternatives of a section alternate within each of --repeats rounds, so noise from other processes
+hits them alike, and every figure is a median.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from cxr.data import (
+    Split,
+    eval_batches,
+    find_classes,
+    list_files,
+    load_split,
+    preprocess,
+    subset,
+    train_batches,
+)
+from cxr.engine import autocast, evaluate, train_one_epoch
+from cxr.features import cached_features, extract
+from cxr.model import build_head, build_model, feature_count
+from cxr.synthetic import render_chest
+from cxr.train import amp_setup, build_optimizer, device_name, pick_device
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# measured on cxr-fullres: real radiographs take about 0.2 bytes per pixel as JPEG; a smooth
+# upscale takes half that, so generated images get this much film grain at full size
+GRAIN = 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and timing
+
+
+def generate_images(folder: Path, count: int, seed: int = 0) -> None:
+    """Chest-like JPEGs of the full-resolution set's sizes (0.8-2.6 Mpx) and bytes per pixel."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        label = "NORMAL" if i % 4 == 0 else "PNEUMONIA"
+        height = int(rng.integers(800, 1800))
+        width = int(height * rng.uniform(1.0, 1.45))
+        # drawn small and upscaled, as cxr.synthetic does: a full-size render takes seconds
+        small = render_chest(rng, 320, round(320 * width / height), pneumonia=label == "PNEUMONIA")
+        pixels = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC),
+                            np.float32) + rng.normal(0, GRAIN, (height, width))
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / label / f"{i}.jpeg",
+                                                                       quality=90)
+
+
+def repeat_images(source: Path, folder: Path, count: int) -> list[tuple[str, int]]:
+    """`count` symlinks in folder/<class>/ cycling over source/<class>/* (shuffled, so that a
+    small count still holds every class); their (path, label)."""
+    classes = find_classes(source)
+    originals = list_files(source, classes)
+    order = np.random.default_rng(0).permutation(len(originals))
+    for k in range(count):
+        path, label = originals[order[k % len(originals)]]
+        link = folder / classes[label] / f"{k:05d}_{Path(path).name}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(path).resolve())
+    return list_files(folder, classes)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def side_by_side(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict:
+    """Median seconds of each function, the functions alternating within every round."""
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds[name].append(timed(fn, device))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def busy_fraction(fn: Callable[[], object], device: torch.device) -> float:
+    """Share of fn's wall time in which the GPU ran something (union of kernel and copy spans)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # no CPU events: little overhead
+        wall_s = timed(fn, device)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    busy_us, covered_to = 0.0, -math.inf
+    for start, end in spans:  # overlapping spans (several streams) count once
+        if end > covered_to:
+            busy_us += end - max(start, covered_to)
+            covered_to = end
+    return min(1.0, busy_us / 1e6 / wall_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def bench_loader(root: Path, items, size: int, batch_size: int, repeats: int, work: Path) -> dict:
+    naive_set = datasets.ImageFolder(str(root), transforms.Compose(
+        [transforms.Resize((size, size)), transforms.ToTensor()]))
+    workers = os.cpu_count() or 1
+    builds = iter(range(repeats))
+    cache_dir = work / "cache"
+    load_split(items, size, cache_dir, 0, "bench")  # the cache that `cached` reads
+
+    def naive():
+        for _ in DataLoader(naive_set, batch_size, shuffle=True, num_workers=workers):
+            pass
+
+    def build():  # into a fresh folder every round: decode and write, as a first run does
+        load_split(items, size, work / f"build{next(builds)}", 0, "bench")
+
+    def cached(normalise: bool = False):
+        split = load_split(items, size, cache_dir, 0, "bench")
+        for images, _ in train_batches(split, batch_size, epoch=0, seed=0):
+            if normalise:  # on a GPU this runs there, inside the trainer's step
+                preprocess(images, channels_last=True)
+
+    s = side_by_side({"naive": naive, "build": build, "cached": cached,
+                      "normalised": lambda: cached(normalise=True)}, repeats, torch.device("cpu"))
+    n = len(items)
+    return {"size": size, "images": n, "workers": workers,
+            "naive_img_s": n / s["naive"], "cache_build_img_s": n / s["build"],
+            "cached_img_s": n / s["cached"], "cached_normalised_img_s": n / s["normalised"],
+            "cache_build_vs_naive": s["naive"] / s["build"],
+            "cached_vs_naive": s["naive"] / s["cached"],
+            "cached_normalised_vs_naive": s["naive"] / s["normalised"]}
+
+
+def trainer_epoch(model, optimizer, split: Split, cfg, device, amp_dtype, scaler, epoch: int):
+    """One epoch of the real trainer: shuffled device batches, normalised on the device."""
+    batches = ((preprocess(images, cfg.trainer.channels_last), labels)
+               for images, labels in train_batches(split, cfg.trainer.batch_size, epoch, cfg.seed))
+    train_one_epoch(model, optimizer, batches, device=device, epoch=epoch, amp_dtype=amp_dtype,
+                    scaler=scaler, log_every=cfg.trainer.log_every,
+                    total=math.ceil(len(split) / cfg.trainer.batch_size), progress=False)
+
+
+def training_setup(cfg, size: int, device: torch.device):
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    model = build_model(cfg.model, size, 2).to(device, memory_format=memory_format)
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+    return model, optimizer, *amp_setup(cfg.trainer.amp, device)
+
+
+def bench_train(split: Split, cfg, device: torch.device, repeats: int) -> dict:
+    """Both loops over the same few batches: short timings, so that many alternate in a minute."""
+    batch, n = cfg.trainer.batch_size, len(split)
+    split = split.to(device)
+    model, optimizer, amp_dtype, scaler = training_setup(cfg, split.images.shape[-1], device)
+    inputs = preprocess(split.images, cfg.trainer.channels_last)
+    epochs = iter(range(1, repeats + 1))
+
+    def bare(count: int = n):
+        model.train()
+        for start in range(0, count, batch):
+            with autocast(device, amp_dtype):
+                loss = F.cross_entropy(model(inputs[start:start + batch]).float(),
+                                       split.labels[start:start + batch])
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+
+    def trainer():
+        trainer_epoch(model, optimizer, split, cfg, device, amp_dtype, scaler, next(epochs))
+
+    bare(2 * batch)  # warm-up: first-call allocations and kernel choices
+    s = side_by_side({"bare": bare, "trainer": trainer}, repeats, device)
+    return {"size": split.images.shape[-1], "batch_size": batch, "images": n,
+            "bare_img_s": n / s["bare"], "trainer_img_s": n / s["trainer"],
+            "trainer_vs_bare": s["bare"] / s["trainer"]}
+
+
+def head_variants() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("resultset*.yaml"))
+
+
+def bench_frozen(split: Split, cfg, device: torch.device, repeats: int, compose_cfg,
+                 work: Path) -> dict:
+    """One backbone pass over the images vs seven heads trained on their cached features.
+
+    Each head runs as a sweep job does: its epochs on a train share of the images, validated after
+    each on a val share, tested once on the rest (the Kaggle data's 80/9/11 with val_fraction 0.1).
+    """
+    size = split.images.shape[-1]
+    model, _, amp_dtype, _ = training_setup(cfg, size, device)
+    split = split.to(device)
+    channels_last, eval_batch = cfg.trainer.channels_last, cfg.trainer.eval_batch_size
+    warm_up = Split(split.images[:eval_batch], split.labels[:eval_batch], [])
+    extract(model.backbone, warm_up, eval_batch, device, amp_dtype, channels_last)
+    variants = {name: compose_cfg(f"experiment={name}") for name in head_variants()}
+    n_train, n_val = round(0.8 * len(split)), round(0.09 * len(split))
+    shares = (slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, None))
+
+    def one_pass():
+        extract(model.backbone, split, eval_batch, device, amp_dtype, channels_last)
+
+    def sweep():
+        shutil.rmtree(work / "features", ignore_errors=True)  # every round extracts once
+        (features,) = cached_features(model.backbone, [split], cfg, device, amp_dtype)
+        train, val, test = (Split(features.images[part], features.labels[part], [])
+                            for part in shares)
+        for vcfg in variants.values():
+            head = build_head(feature_count(vcfg.model.pooling, size), vcfg.model.dense,
+                              vcfg.model.hidden_layers, vcfg.model.dropout, 2).to(device)
+            optimizer = build_optimizer(head.parameters(), vcfg.optimizer)
+            for epoch in range(1, vcfg.trainer.epochs + 1):
+                batches = train_batches(train, vcfg.trainer.batch_size, epoch, vcfg.seed)
+                train_one_epoch(head, optimizer, batches, device=device, epoch=epoch,
+                                amp_dtype=amp_dtype, log_every=vcfg.trainer.log_every,
+                                progress=False)
+                evaluate(head, eval_batches(val, eval_batch), device=device, amp_dtype=amp_dtype)
+            evaluate(head, eval_batches(test, eval_batch), device=device, amp_dtype=amp_dtype)
+
+    s = side_by_side({"pass": one_pass, "sweep": sweep}, repeats, device)
+    return {"size": size, "images": len(split), "pooling": cfg.model.pooling,
+            "variants": list(variants), "epochs": cfg.trainer.epochs,
+            "one_backbone_pass_s": s["pass"], "seven_heads_s": s["sweep"],
+            "seven_heads_vs_one_pass": s["sweep"] / s["pass"]}
+
+
+def bench_gpu(split: Split, cfg, device: torch.device, repeats: int, min_images: int) -> dict:
+    """The real trainer on the GPU at the seed's resolution, on enough images for long epochs."""
+    copies = math.ceil(min_images / len(split))
+    split = Split(split.images.repeat(copies, 1, 1, 1), split.labels.repeat(copies), []).to(device)
+    model, optimizer, amp_dtype, scaler = training_setup(cfg, split.images.shape[-1], device)
+    epochs = iter(range(1, repeats + 3))
+
+    def epoch():
+        trainer_epoch(model, optimizer, split, cfg, device, amp_dtype, scaler, next(epochs))
+
+    epoch()  # warm-up: cudnn.benchmark tries its kernels on the first batches
+    s = side_by_side({"trainer": epoch}, repeats, device)
+    return {"size": split.images.shape[-1], "batch_size": cfg.trainer.batch_size,
+            "images": len(split), "amp": str(amp_dtype), "channels_last": cfg.trainer.channels_last,
+            "trainer_img_s": len(split) / s["trainer"],
+            "busy_fraction": busy_fraction(epoch, device)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cxr.bench", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/bench.json", help="where the JSON goes")
+    parser.add_argument("--images", type=Path, help="folder of <class>/ subfolders of images "
+                        "(default: $CXR_SHARED_DATA/cxr-fullres, else generated ones)")
+    parser.add_argument("--count", type=int, default=320, help="images per pass (files repeat)")
+    parser.add_argument("--size", type=int, default=224, help="loader, frozen and GPU resolution")
+    parser.add_argument("--train-size", type=int, default=64, help="resolution of bare vs trainer")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timings per figure (median)")
+    parser.add_argument("--train-steps", type=int, default=3, help="batches per train timing")
+    parser.add_argument("--train-repeats", type=int, default=9, help="timings of each train loop")
+    parser.add_argument("--head-epochs", type=int, default=20, help="epochs per head variant")
+    parser.add_argument("--frozen-count", type=int, default=120, help="images of the frozen sweep")
+    parser.add_argument("--gpu-images", type=int, default=4096, help="images per GPU epoch")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds, not minutes: tiny counts and sizes (for tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.count, args.size, args.train_size, args.batch_size = 24, 32, 32, 8
+        args.repeats, args.head_epochs, args.frozen_count, args.gpu_images = 1, 1, 16, 64
+        args.train_steps, args.train_repeats = 2, 1
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes, as the trainer runs them
+    work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+
+    def compose_cfg(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=[
+                "model.weights=null", f"trainer.batch_size={args.batch_size}",
+                f"trainer.epochs={args.head_epochs}", f"data.cache_dir={work}", *overrides])
+
+    try:
+        shared = os.environ.get("CXR_SHARED_DATA")
+        source = args.images or (Path(shared) / "cxr-fullres" if shared else None)
+        if source is None:
+            source = work / "generated"
+            generate_images(source, 4 if args.quick else 40)
+        items = repeat_images(source, work / "images", args.count)
+        distinct = {os.path.realpath(path) for path, _ in items}
+        megapixels = [w * h / 1e6 for w, h in map(_image_size, distinct)]
+        report = {"device": device_name(device), "torch": torch.__version__,
+                  "cpu": {"cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                          "processor": platform.processor() or platform.machine()},
+                  "images": {"source": str(source), "count": len(items),
+                             "distinct": len(megapixels),
+                             "mean_megapixels": float(np.mean(megapixels))}}
+        print(f"device: {report['device']}; {len(items)} images ({len(megapixels)} distinct, "
+              f"{np.mean(megapixels):.2f} Mpx mean) from {source}", flush=True)
+
+        report["loader"] = bench_loader(work / "images", items, args.size, args.batch_size,
+                                        args.repeats, work)
+        _print("loader", report["loader"], "naive_img_s", "cache_build_img_s", "cached_img_s")
+
+        cfg = compose_cfg()
+        small = subset(items, args.train_steps * args.batch_size, seed=0)
+        report["train"] = bench_train(load_split(small, args.train_size, work / "cache", 0, "bench"),
+                                      cfg, device, args.train_repeats)
+        _print("train", report["train"], "bare_img_s", "trainer_img_s")
+
+        frozen_cfg = compose_cfg("model.freeze_backbone=true")
+        decoded = load_split(subset(items, args.frozen_count, seed=0), args.size, work / "cache", 0,
+                             "bench")
+        report["frozen"] = bench_frozen(decoded, frozen_cfg, device, args.repeats, compose_cfg,
+                                        work)
+        _print("frozen", report["frozen"], "one_backbone_pass_s", "seven_heads_s")
+
+        if device.type == "cuda":
+            full = load_split(items, args.size, work / "cache", 0, "bench")
+            report["gpu"] = bench_gpu(full, cfg, device, args.repeats, args.gpu_images)
+            _print("gpu", report["gpu"], "trainer_img_s", "busy_fraction")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    targets = {
+        "loader.cached >= 20x naive": report["loader"]["cached_vs_naive"] >= 20,
+        "loader.cache_build >= 2x naive": report["loader"]["cache_build_vs_naive"] >= 2,
+        "train.trainer >= 0.9x bare": report["train"]["trainer_vs_bare"] >= 0.9,
+        "frozen.seven_heads <= 1.5x one pass": report["frozen"]["seven_heads_vs_one_pass"] <= 1.5,
+    }
+    if "gpu" in report:
+        targets["gpu.trainer >= 2500 img/s"] = report["gpu"]["trainer_img_s"] >= 2500
+    report["targets"] = targets
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for target, ok in report["targets"].items():
+        print(f"{'ok  ' if ok else 'MISS'} {target}")
+    print(f"written to {out}")
+    return report
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def _print(section: str, figures: dict, *keys: str) -> None:
+    shown = "  |  ".join(f"{k} {figures[k]:.4g}" for k in keys)
+    ratios = "".join(f"  {k} {v:.2f}x" for k, v in figures.items() if "_vs_" in k)
+    print(f"{section:7s}@{figures['size']} px  {shown}{ratios}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

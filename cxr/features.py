@@ -1,0 +1,110 @@
+"""Frozen-backbone features, computed once: a sweep over heads then costs one backbone pass.
+
+With `model.freeze_backbone=true` nothing below the head learns, so the backbone maps an image to
+the same vector in every epoch of every job of a sweep. It runs once over each split, in eval mode
+(BatchNorm on its running statistics, as a frozen Keras base runs), and the features are cached as
+float16 in `<data.cache_dir>/features/<key>.npy`; the head then trains on batches of them.
+
+The key covers everything the features depend on: the decoded split (`data.cache_key`: the file
+list with sizes and mtimes, the image size, the decoding), the normalisation, a digest of the
+backbone's weights and buffers (ImageNet, a state-dict file and a seeded random init are told apart
+by what they hold, not by name), the pooling and the autocast dtype.
+"""
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr.data import MEAN, STD, Split, _atomic_write, cache_key, eval_batches, preprocess
+from cxr.engine import autocast
+
+log = logging.getLogger(__name__)
+
+# bump when extraction changes: old feature files are then never read again
+FEATURE_VERSION = 1
+
+
+def weights_digest(backbone: nn.Module) -> str:
+    """sha256 of every parameter and buffer (about 0.05 s for ResNet50 on a CPU)."""
+    digest = hashlib.sha256()
+    for name, tensor in backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def feature_key(split: Split, image_size: int, weights: str, pooling: str,
+                amp_dtype: torch.dtype | None) -> str:
+    items = list(zip(split.paths, split.labels.tolist(), strict=True))
+    payload = [FEATURE_VERSION, cache_key(items, image_size), MEAN, STD, weights, pooling,
+               str(amp_dtype)]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def extract(backbone: nn.Module, split: Split, batch_size: int, device: torch.device,
+            amp_dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
+    """float16 features (N, F) of every image of the split, on `device`."""
+    backbone.eval()
+    chunks = []
+    for images, _ in eval_batches(split, batch_size):
+        with autocast(device, amp_dtype):
+            features = backbone(preprocess(images.to(device, non_blocking=True), channels_last))
+        chunks.append(features.half())  # kept on the device: no host sync per batch
+    return torch.cat(chunks)
+
+
+def _read(path: Path, count: int) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    try:
+        features = np.load(path)
+    except (OSError, ValueError, EOFError):
+        features = None
+    if features is None or features.ndim != 2 or len(features) != count:
+        log.warning("feature cache %s is unreadable or does not match its split; recomputing", path)
+        return None
+    return features
+
+
+def cached_features(backbone: nn.Module, splits: Sequence[Split], cfg, device: torch.device,
+                    amp_dtype: torch.dtype | None) -> list[Split]:
+    """Each image split as a split of backbone features on `device`, cached on disk.
+
+    Under torchrun every rank that misses the cache computes the same file and writes it
+    atomically, so no rank waits for another and a reader never sees half a file.
+    """
+    if cfg.data.augment:
+        log.warning("data.augment does not apply with model.freeze_backbone=true: the head trains "
+                    "on cached features of the unaugmented images")
+    backbone.eval()  # for the whole run: BatchNorm as the features were made, in Grad-CAM too
+    folder = Path(cfg.data.cache_dir).expanduser() / "features"
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = weights_digest(backbone)
+    out = []
+    for split in splits:
+        key = feature_key(split, cfg.data.image_size, weights, cfg.model.pooling, amp_dtype)
+        path = folder / f"{key}.npy"
+        cached = _read(path, len(split))
+        if cached is not None:
+            features = torch.from_numpy(cached).to(device)
+            log.info("features of %d images read from %s", len(split), path)
+        else:
+            started = time.perf_counter()
+            features = extract(backbone, split, cfg.trainer.eval_batch_size, device, amp_dtype,
+                               cfg.trainer.channels_last)
+            _atomic_write(path, partial(np.save, arr=features.cpu().numpy()))
+            log.info("features of %d images computed in %.1f s, cached in %s", len(split),
+                     time.perf_counter() - started, path)
+        # float32 in memory: a head step reads its batch twice (forward, weight gradient), and
+        # casting float16 batches first would add a third pass (~30% of the step on a CPU)
+        out.append(Split(features.float(), split.labels, split.paths, split.skipped))
+    return out

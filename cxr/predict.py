@@ -1,0 +1,189 @@
+"""`python -m cxr.predict checkpoint=PATH inputs=PATH`: classify chest X-rays with a trained model.
+
+    python -m cxr.predict checkpoint=outputs/runs/<run>/best.pt inputs=xrays/ \\
+        [output=predictions.csv] [gradcam=DIR] [batch_size=32] [device=auto]
+
+`inputs` is one image or a folder searched recursively for JPEG and PNG files (hidden files and
+macOS' __MACOSX/ left out), of any size, grayscale or RGB. Everything else comes from the
+checkpoint, never from the current config: image size, normalisation, class names, the network's
+shape and the decision threshold chosen on validation.
+
+`output` gets one row per file: path, the probability of each class, the label, and a status
+(`ok`, or `unreadable`: such files are listed and warned about, never fatal). `gradcam=DIR` also
+writes a Grad-CAM overlay of the positive class per image, at the image's own size, as
+DIR/<path below inputs>.png.
+
+Arguments are key=value pairs, as for `python -m cxr.train`; a misspelt key is refused.
+"""
+
+import csv
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cxr.checkpoint import CheckpointError, load_checkpoint
+from cxr.data import _visible, decode_split, eval_batches, positive_index, preprocess
+from cxr.explain import grad_cam, save_overlay
+from cxr.metrics import predict
+from cxr.model import Classifier, build_model
+from cxr.train import pick_device
+
+log = logging.getLogger("cxr.predict")
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+# files decoded (in parallel) at a time: memory stays flat for folders of any size
+DECODE_CHUNK = 1024
+# what predict needs from best.pt (written by cxr.train)
+CHECKPOINT_KEYS = ("model", "classes", "image_size", "mean", "std", "threshold", "model_config")
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str = MISSING
+    inputs: str = MISSING
+    output: str = "predictions.csv"
+    gradcam: str | None = None
+    batch_size: int = 32
+    device: str = "auto"
+
+
+class PredictError(Exception):
+    """A user mistake (bad or missing argument, no images found): reported as one line."""
+
+
+def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier, dict]:
+    """The trained network in eval mode on `device`, and the checkpoint's settings."""
+    state = load_checkpoint(Path(path), map_location="cpu")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a best.pt of cxr.train")
+    # the architecture from the checkpoint; its own weights replace any initial ones
+    model_cfg = OmegaConf.create({**state["model_config"], "weights": None})
+    model = build_model(model_cfg, state["image_size"], len(state["classes"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def find_images(inputs: str | Path) -> list[Path]:
+    """`inputs` itself if it is a file, else every JPEG/PNG below it, sorted."""
+    inputs = Path(inputs)
+    if inputs.is_file():
+        return [inputs]
+    if not inputs.is_dir():
+        raise PredictError(f"inputs does not exist: {inputs}")
+    return sorted(
+        path for path in inputs.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        and all(_visible(Path(part)) for part in path.relative_to(inputs).parts)
+    )
+
+
+def classify(model: Classifier, settings: dict, files: list[Path], device: torch.device,
+             batch_size: int = 32, overlays: dict[str, Path] | None = None) -> list[dict]:
+    """One row per file, in the order of `files`: path, prob_<class>..., label, status.
+
+    With `overlays` (file -> PNG to write), the Grad-CAM forward pass gives the probabilities
+    too, and each readable image's overlay is written where `overlays` says.
+    """
+    classes, threshold = settings["classes"], settings["threshold"]
+    positive = positive_index(classes)
+    columns = prob_columns(classes)
+    rows = {}
+    for start in range(0, len(files), DECODE_CHUNK):
+        # decode_split, as in training, with -1 for the labels that predict does not have
+        items = [(str(path), -1) for path in files[start:start + DECODE_CHUNK]]
+        split = decode_split(items, settings["image_size"], workers=0, desc="predict")
+        for path in split.skipped:
+            rows[path] = {"path": path, "status": "unreadable"}
+        paths = iter(split.paths)
+        for images, _ in eval_batches(split, batch_size):
+            x = preprocess(images.to(device), False, mean=settings["mean"], std=settings["std"])
+            if overlays is None:
+                with torch.no_grad():
+                    logits = model(x)
+                cams = [None] * len(x)
+            else:
+                cams, logits = grad_cam(model, x, positive)
+            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            labels = predict(probs, threshold, positive)
+            for p, label, cam in zip(probs, labels, cams, strict=True):
+                path = next(paths)
+                probabilities = dict(zip(columns, (f"{v:.6f}" for v in p), strict=True))
+                rows[path] = {"path": path, **probabilities, "label": classes[label],
+                              "status": "ok"}
+                if cam is not None:
+                    overlays[path].parent.mkdir(parents=True, exist_ok=True)
+                    save_overlay(path, cam, overlays[path])
+    return [rows[str(path)] for path in files]
+
+
+def prob_columns(classes: list[str]) -> list[str]:
+    return [f"prob_{name}" for name in classes]
+
+
+def write_csv(rows: list[dict], classes: list[str], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["path", *prob_columns(classes), "label", "status"]
+    with open(output, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def parse_args(argv: list[str]) -> PredictConfig:
+    """key=value pairs over PredictConfig: unknown keys, wrong types and missing values fail."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.from_dotlist(argv))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as error:
+        raise PredictError(str(error).splitlines()[0]) from None
+    if missing:
+        raise PredictError(f"missing {', '.join(f'{key}=...' for key in missing)}")
+    if cfg.batch_size < 1:
+        raise PredictError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    return OmegaConf.to_object(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    started = time.perf_counter()
+    try:
+        cfg = parse_args(argv)
+        files = find_images(cfg.inputs)
+        if not files:
+            raise PredictError(f"no JPEG or PNG files under {cfg.inputs}")
+        device = pick_device(cfg.device)
+        model, settings = load_classifier(cfg.checkpoint, device)
+    except (PredictError, CheckpointError) as error:
+        log.error("%s", error)
+        return 1
+    overlays = None
+    if cfg.gradcam is not None:  # DIR/<path below inputs>.png: subfolders kept, no name clashes
+        root = Path(cfg.inputs) if Path(cfg.inputs).is_dir() else Path(cfg.inputs).parent
+        overlays = {str(p): Path(cfg.gradcam) / p.relative_to(root).with_suffix(".png")
+                    for p in files}
+    rows = classify(model, settings, files, device, cfg.batch_size, overlays)
+    write_csv(rows, settings["classes"], Path(cfg.output))
+    unreadable = [row["path"] for row in rows if row["status"] != "ok"]
+    if unreadable:
+        log.warning("%d unreadable file(s), listed with status unreadable: %s", len(unreadable),
+                    ", ".join(unreadable))
+    log.info("%d file(s) -> %s (%d unreadable) in %.1f s%s", len(rows), cfg.output,
+             len(unreadable), time.perf_counter() - started,
+             f", Grad-CAM overlays in {cfg.gradcam}" if overlays else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Metrics against scikit-learn on hand-made predictions, intervals, and the threshold's origin."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+import cxr.train
+from cxr.data import eval_batches, load_dataset, preprocess
+from cxr.engine import evaluate
+from cxr.metrics import (
+    bootstrap_intervals,
+    choose_threshold,
+    classification_metrics,
+    majority_rate,
+    scalar_metrics,
+)
+from cxr.predict import load_classifier
+
+# ten images, 0 = NORMAL, 1 = PNEUMONIA, and P(PNEUMONIA)
+LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+P_POS = np.array([0.10, 0.40, 0.55, 0.20, 0.90, 0.35, 0.60, 0.80, 0.45, 0.70])
+BINARY = np.stack([1 - P_POS, P_POS], axis=1)
+
+# three classes (NORMAL / BACTERIA / VIRUS), every class present, some mistakes
+LABELS3 = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+PROBS3 = np.array([
+    [0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.2, 0.5, 0.3], [0.1, 0.8, 0.1], [0.2, 0.6, 0.2],
+    [0.3, 0.3, 0.4], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3],
+    [0.3, 0.1, 0.6], [0.2, 0.2, 0.6],
+])
+
+
+def sklearn_binary(labels, probs, threshold, positive):
+    preds = np.where(probs[:, positive] >= threshold, positive, 1 - positive)
+    negative = 1 - positive
+    return preds, {
+        "acc": accuracy_score(labels, preds),
+        "balanced_acc": balanced_accuracy_score(labels, preds),
+        "auroc": roc_auc_score(labels == positive, probs[:, positive]),
+        "sensitivity": recall_score(labels, preds, pos_label=positive, zero_division=np.nan),
+        "specificity": recall_score(labels, preds, pos_label=negative, zero_division=np.nan),
+        "precision": precision_score(labels, preds, pos_label=positive, zero_division=np.nan),
+        "f1": f1_score(labels, preds, pos_label=positive, zero_division=np.nan),
+    }
+
+
+def assert_same(ours: dict, reference: dict) -> None:
+    for name, value in reference.items():
+        assert ours[name] == pytest.approx(value, nan_ok=True), name
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.65])
+@pytest.mark.parametrize("positive", [1, 0])
+def test_binary_metrics_match_sklearn(threshold, positive):
+    labels = LABELS if positive == 1 else 1 - LABELS
+    probs = BINARY if positive == 1 else BINARY[:, ::-1]
+    preds, reference = sklearn_binary(labels, probs, threshold, positive)
+    ours = classification_metrics(labels, probs, threshold, positive)
+    assert_same(ours, reference)
+    assert ours["confusion"] == confusion_matrix(labels, preds, labels=[0, 1]).tolist()
+
+
+def test_threshold_changes_the_decisions():
+    # 0.5: three mistakes (0.55 for a NORMAL, 0.35 and 0.45 for PNEUMONIA); 0.3 rescues both
+    assert classification_metrics(LABELS, BINARY, 0.5, 1)["acc"] == pytest.approx(0.7)
+    assert classification_metrics(LABELS, BINARY, 0.3, 1)["sensitivity"] == 1.0
+
+
+def test_three_class_metrics_are_sklearn_macro_averages():
+    preds = PROBS3.argmax(axis=1)
+    ours = classification_metrics(LABELS3, PROBS3, 0.5, 2)
+    # specificity of class k: the recall of "not k" when k is taken against the rest
+    specificity = np.mean([recall_score(LABELS3 != k, preds != k) for k in range(3)])
+    assert_same(ours, {
+        "acc": accuracy_score(LABELS3, preds),
+        "balanced_acc": balanced_accuracy_score(LABELS3, preds),
+        "auroc": roc_auc_score(LABELS3, PROBS3, multi_class="ovr", average="macro"),
+        "sensitivity": recall_score(LABELS3, preds, average="macro"),
+        "specificity": specificity,
+        "precision": precision_score(LABELS3, preds, average="macro"),
+        "f1": f1_score(LABELS3, preds, average="macro"),
+    })
+    assert ours["confusion"] == confusion_matrix(LABELS3, preds).tolist()
+
+
+@pytest.mark.parametrize("answer", [0, 1])
+def test_degenerate_all_one_class_prediction(answer):
+    """A collapsed model: every image gets the same answer."""
+    probs = np.tile([1.0 - answer, float(answer)], (len(LABELS), 1))
+    _, reference = sklearn_binary(LABELS, probs, 0.5, 1)
+    ours = classification_metrics(LABELS, probs, 0.5, 1)
+    assert_same(ours, reference)
+    assert ours["auroc"] == 0.5  # one score for everything ranks nothing
+    pneumonia_rate = majority_rate(LABELS)
+    assert ours["acc"] == pytest.approx(pneumonia_rate if answer == 1 else 1 - pneumonia_rate)
+    assert ours["sensitivity"] == answer and ours["specificity"] == 1 - answer
+    # never answering PNEUMONIA leaves precision undefined: NaN, not a made-up 0
+    assert math.isnan(ours["precision"]) == (answer == 0)
+
+
+def test_one_class_labels_give_nan_auroc_written_as_null(tmp_path):
+    labels = np.ones(len(LABELS), dtype=int)
+    metrics = classification_metrics(labels, BINARY, 0.5, 1)
+    assert math.isnan(metrics["auroc"]) and math.isnan(metrics["specificity"])
+    assert metrics["sensitivity"] == recall_score(labels, BINARY.argmax(1))
+    cxr.train.write_json(tmp_path / "result.json", {"metrics": metrics})
+    written = json.loads((tmp_path / "result.json").read_text())["metrics"]
+    assert written["auroc"] is None and written["specificity"] is None
+    assert written["acc"] == pytest.approx(metrics["acc"])
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_repeat_with_the_seed():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(200) < 0.6).astype(int)
+    p = np.clip(0.35 * labels + 0.65 * rng.random(200), 0, 1)
+    probs = np.stack([1 - p, p], axis=1)
+    point = scalar_metrics(labels, probs, 0.5, 1)
+    intervals = bootstrap_intervals(labels, probs, 0.5, 1, resamples=200, seed=0)
+    assert set(intervals) == set(point)
+    for name, (low, high) in intervals.items():
+        assert low <= point[name] <= high, name
+        assert high - low > 0.01, name  # a real spread, not a copy of the estimate
+    assert bootstrap_intervals(labels, probs, 0.5, 1, resamples=200, seed=0) == intervals
+    assert bootstrap_intervals(labels, probs, 0.5, 1, resamples=200, seed=1) != intervals
+    assert bootstrap_intervals(labels, probs, 0.5, 1, resamples=0) == {}
+
+
+def test_three_class_bootstrap_has_macro_intervals():
+    intervals = bootstrap_intervals(LABELS3, PROBS3, 0.5, 2, resamples=50)
+    assert {"acc", "sensitivity", "specificity", "f1"} <= set(intervals)
+
+
+def test_youden_threshold_maximises_j_on_the_given_labels():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.7, 0.6, 0.8, 0.9])
+    probs = np.stack([1 - p, p], axis=1)
+    # >= 0.6 catches every positive at one false positive in four (J = 3/4); no other cut does
+    assert choose_threshold("youden", labels, probs, 1) == pytest.approx(0.6)
+    assert choose_threshold("0.5", labels, probs, 1) == 0.5
+    assert choose_threshold("0.3", labels, probs, 1) == 0.3
+    assert choose_threshold("youden", np.ones(7, dtype=int), probs, 1) == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The threshold comes from validation only: a real run, twice, the second with test labels flipped
+
+
+def run_smoke(make_cfg, out, flip_test_labels: bool, monkeypatch) -> dict:
+    if flip_test_labels:
+        def load_flipped(data_cfg):
+            dataset = load_dataset(data_cfg)
+            dataset.test.labels = 1 - dataset.test.labels
+            return dataset
+        monkeypatch.setattr(cxr.train, "load_dataset", load_flipped)
+    overrides = ["debug=smoke", "data.limit=32", "trainer.epochs=1", "trainer.threshold=youden",
+                 "trainer.bootstrap=0", "trainer.tensorboard_images=false"]
+    return cxr.train.run(make_cfg(*overrides), out, overrides=overrides)
+
+
+def test_threshold_comes_from_validation_and_is_applied_to_test_unchanged(
+        make_cfg, tmp_path, monkeypatch):
+    honest = run_smoke(make_cfg, tmp_path / "honest", False, monkeypatch)
+    flipped = run_smoke(make_cfg, tmp_path / "flipped", True, monkeypatch)
+
+    # Youden's J on the test labels would move the threshold; on validation it stays put ...
+    threshold = honest["threshold"]
+    assert threshold != 0.5
+    assert flipped["threshold"] == threshold
+    # ... while the flipped labels did reach the test metrics: every right answer became wrong
+    assert flipped["metrics"]["test/acc"] == pytest.approx(1 - honest["metrics"]["test/acc"])
+    assert flipped["confusion"] == honest["confusion"][::-1]
+    for name, result in (("honest", honest), ("flipped", flipped)):
+        best = torch.load(tmp_path / name / "best.pt", weights_only=True)
+        written = json.loads((tmp_path / name / "result.json").read_text())
+        assert best["threshold"] == written["threshold"] == result["threshold"]
+
+    # best.pt's threshold, applied to best.pt's test probabilities, gives the reported metrics
+    cfg = make_cfg("debug=smoke", "data.limit=32")
+    dataset = load_dataset(cfg.data)
+    model, _ = load_classifier(tmp_path / "honest" / "best.pt", torch.device("cpu"))
+    batches = ((preprocess(x, False), y) for x, y in eval_batches(dataset.test, 64))
+    _, probs, labels = evaluate(model, batches, device=torch.device("cpu"))
+    recomputed = classification_metrics(labels, probs, threshold, dataset.positive_index)
+    for name in ("acc", "sensitivity", "specificity", "auroc"):
+        assert recomputed[name] == pytest.approx(honest["metrics"][f"test/{name}"]), name
+    assert recomputed["confusion"] == honest["confusion"]

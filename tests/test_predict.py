@@ -1,0 +1,149 @@
+"""cxr.predict and Grad-CAM on a model trained here: generated images, and real full-size ones."""
+
+import csv
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from cxr.data import load_dataset
+from cxr.explain import grad_cam, overlay
+from cxr.model import Classifier
+from cxr.predict import classify, load_classifier, main
+from cxr.train import run
+from tests.conftest import CONF_DIR
+
+CLASSES = ["NORMAL", "PNEUMONIA"]
+SMOKE = ("debug=smoke", "data.limit=32", "trainer.epochs=1", "trainer.bootstrap=0")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A debug=smoke run (Grad-CAM to TensorBoard included): its folder, result and config."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(SMOKE))
+    out = tmp_path_factory.mktemp("run")
+    return out, run(cfg, out, overrides=list(SMOKE)), cfg
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grad_cam_points_at_the_evidence_for_the_class():
+    """A network whose 'layer4' passes a 4x4 image through and whose class 1 sums it up."""
+    backbone = nn.Sequential(OrderedDict(layer4=nn.Identity(), flatten=nn.Flatten()))
+    head = nn.Linear(16, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.stack([-torch.ones(16), torch.ones(16)]))
+    model = Classifier(backbone, head)
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 1, 2], x[0, 0, 3, 0] = 1.0, 0.5
+    cams, logits = grad_cam(model, x, target=1)
+    assert torch.equal(cams[0], x[0, 0])  # peak 1 where the evidence is, half as much at (3, 0)
+    assert logits[0, 1] == pytest.approx(1.5 + head.bias[1].item())
+    cams, _ = grad_cam(model, x, target=0)  # the same pixels count against class 0: no heat
+    assert not cams.any()
+    heat = overlay(np.zeros((40, 80), dtype=np.uint8), torch.eye(2))
+    assert heat.shape == (40, 80, 3)
+    # jet: red where the map is 1 (top left, bottom right), blue where it is 0
+    assert heat[5, 5, 0] > heat[5, 5, 2] and heat[5, 75, 2] > heat[5, 75, 0]
+
+
+def check_predictions(rows: list[dict]) -> None:
+    for row in rows:
+        assert row["status"] == "ok", row
+        probs = [float(row[f"prob_{c}"]) for c in CLASSES]
+        assert sum(probs) == pytest.approx(1, abs=1e-5)
+        assert row["label"] in CLASSES
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Odd sizes, grayscale PNG and RGB JPEG in a subfolder, a corrupt file, macOS debris."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "inputs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "__MACOSX").mkdir()
+    Image.fromarray(rng.integers(0, 256, (120, 300), dtype=np.uint8)).save(folder / "gray.png")
+    rgb = rng.integers(0, 256, (210, 90, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "sub" / "colour.JPG")
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    (folder / "__MACOSX" / "._gray.png").write_bytes(b"resource fork")
+    (folder / ".hidden.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_predict_lists_unreadable_files_and_writes_overlays_at_input_size(trained, mixed_folder,
+                                                                          tmp_path):
+    out, _, _ = trained
+    output, cams = tmp_path / "predictions.csv", tmp_path / "cams"
+    assert main([f"checkpoint={out / 'best.pt'}", f"inputs={mixed_folder}", f"output={output}",
+                 f"gradcam={cams}", "batch_size=2"]) == 0
+    rows = {row["path"]: row for row in read_rows(output)}
+    broken, gray, colour = (str(mixed_folder / name) for name in
+                            ("broken.jpeg", "gray.png", "sub/colour.JPG"))
+    assert sorted(rows) == sorted([broken, gray, colour])
+    assert rows[broken]["status"] == "unreadable" and rows[broken]["label"] == ""
+    check_predictions([rows[gray], rows[colour]])
+    assert Image.open(cams / "gray.png").size == (300, 120)
+    assert Image.open(cams / "sub" / "colour.png").size == (90, 210)
+    assert not (cams / "broken.png").exists()
+
+
+def test_predict_reproduces_the_test_metrics_from_the_checkpoint_alone(trained):
+    """Same decoding, normalisation and threshold as training: the test confusion matrix again."""
+    _, result, cfg = trained
+    test = load_dataset(cfg.data).test
+    model, settings = load_classifier(result["checkpoint"], torch.device("cpu"))
+    files = [Path(p) for p in test.paths]
+    rows = classify(model, settings, files, torch.device("cpu"), batch_size=16)
+    predicted = [CLASSES.index(row["label"]) for row in rows]
+    confusion = np.zeros((2, 2), dtype=int)
+    np.add.at(confusion, (test.labels.numpy(), predicted), 1)
+    assert confusion.tolist() == result["confusion"]
+
+
+def test_training_logs_gradcam_to_tensorboard(trained):
+    out, _, _ = trained
+    events = EventAccumulator(str(out), size_guidance={"images": 0})
+    events.Reload()
+    assert "test/gradcam" in events.Tags()["images"]
+
+
+def test_cli_refuses_bad_arguments(tmp_path, caplog):
+    assert main(["checkpoint=x.pt", f"inputs={tmp_path}", "batchsize=4"]) == 1
+    assert "batchsize" in caplog.text
+    assert main(["checkpoint=x.pt"]) == 1
+    assert "inputs" in caplog.text
+    assert main(["checkpoint=x.pt", f"inputs={tmp_path / 'nowhere'}"]) == 1
+    assert "does not exist" in caplog.text
+    Image.new("L", (40, 40)).save(tmp_path / "x.png")
+    assert main([f"checkpoint={tmp_path / 'missing.pt'}", f"inputs={tmp_path}"]) == 1
+    assert "cannot read checkpoint" in caplog.text
+
+
+def test_predict_on_full_size_real_images(trained, shared_data, tmp_path):
+    """40 originals of 156-2,916 px, some RGB: one row each; Grad-CAM at the original size."""
+    out, _, _ = trained
+    folder = shared_data / "cxr-fullres"
+    images = sorted(p for p in folder.rglob("*") if p.is_file())
+    output = tmp_path / "predictions.csv"
+    assert main([f"checkpoint={out / 'best.pt'}", f"inputs={folder}", f"output={output}"]) == 0
+    rows = read_rows(output)
+    assert [row["path"] for row in rows] == [str(p) for p in images]
+    check_predictions(rows)
+
+    rgb = next(p for p in images if Image.open(p).mode == "RGB")
+    cams = tmp_path / "cams"
+    assert main([f"checkpoint={out / 'best.pt'}", f"inputs={rgb}", f"output={output}",
+                 f"gradcam={cams}"]) == 0
+    assert Image.open(cams / rgb.with_suffix(".png").name).size == Image.open(rgb).size

@@ -1,0 +1,174 @@
+"""Nothing lost: killed or signalled runs resume exactly, sweep re-runs skip what is finished.
+
+Where a process must die (SIGKILL, SIGTERM) the run is the real command in a subprocess; the rest
+calls run() in this process. Every outcome is read back from the files the runs wrote.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cxr.checkpoint import CheckpointError, load_checkpoint
+from cxr.train import run
+from tests.conftest import REPO
+
+# A few seconds per epoch on a CPU, four steps per epoch, bit-for-bit repeatable.
+DETERMINISTIC = ("debug=smoke", "trainer.deterministic=true", "trainer.epochs=3",
+                 "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+
+
+# Commands run on one CPU thread, as the reference run does: CPU kernels split their sums by
+# thread, and a resumed run must match the reference bit for bit.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def start(log, *args: str) -> subprocess.Popen:
+    """`python -m cxr.train ARGS` writing to the file `log` (a full pipe would block it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "cxr.train", *args], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, env=ONE_THREAD)
+
+
+def wait_for(proc: subprocess.Popen, log, folder, pattern: str, timeout: float = 300) -> None:
+    """Poll until a file matching `pattern` exists under `folder`, while `proc` runs."""
+    deadline = time.monotonic() + timeout
+    while not any(folder.glob(pattern)):
+        if proc.poll() is not None:
+            pytest.fail(f"exited {proc.returncode} before {pattern} appeared:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {pattern} after {timeout} s:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+def read_result(run_dir) -> dict:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def stamp(path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@pytest.fixture
+def restore_threads():
+    """A resumed deterministic run takes its CPU thread count from last.pt: undo it afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, make_cfg):
+    """An uninterrupted deterministic run on one thread: what resumed runs must reproduce exactly.
+
+    On one thread, as the commands: the run resumed in this process (two or more threads on most
+    machines) must take the thread count of the run it continues.
+    """
+    out = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(make_cfg(*DETERMINISTIC), out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_sigkill_in_second_epoch_then_resume_gives_identical_metrics(reference, make_cfg,
+                                                                     tmp_path, restore_threads):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    proc = start(log, *DETERMINISTIC, f"hydra.run.dir={run_dir}")
+    # best.pt follows epoch 1's last.pt: from then on epoch 2 runs, and its end is seconds away
+    wait_for(proc, log, run_dir, "best.pt")
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    assert not (run_dir / "result.json").exists()
+
+    run(make_cfg(*DETERMINISTIC, "trainer.resume=true"), run_dir)
+    resumed, expected = read_result(run_dir), read_result(reference)
+    assert resumed["status"] == "ok"
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"] == expected["history"]
+    assert resumed["metrics"] == expected["metrics"]
+    assert resumed["best_epoch"] == expected["best_epoch"]
+
+
+def test_sigterm_exits_non_zero_with_one_line_and_a_resumable_last_pt(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    proc = start(log, "debug=smoke", "trainer.bootstrap=0", f"hydra.run.dir={run_dir}")
+    wait_for(proc, log, run_dir, "last.pt")  # training has begun
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    output = log.read_text()
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if "SIGTERM" in line]
+    assert len(lines) == 1, output
+    assert "trainer.resume=true" in lines[0] and str(run_dir) in lines[0]
+    result = read_result(run_dir)
+    assert result["status"] == "interrupted" and result["error"] in lines[0]
+    # stopped in epoch 1: last.pt is the state before training, complete and resumable
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["epoch"] == 0 and last["history"] == [] and "optimizer" in last
+    assert "the state before training" in lines[0]
+
+
+def test_resume_with_another_config_is_refused_and_changes_nothing(reference, make_cfg):
+    before = {path.name: stamp(path) for path in reference.iterdir() if path.is_file()}
+    with pytest.raises(CheckpointError, match=r"another config \(model\.dense differ"):
+        run(make_cfg(*DETERMINISTIC, "model.dense=16"), reference, resume=True)
+    assert {path.name: stamp(path) for path in reference.iterdir() if path.is_file()} == before
+
+
+def test_checkpoint_of_another_version_is_refused_and_kept(make_cfg, tmp_path):
+    last = tmp_path / "last.pt"
+    torch.save({"version": 1, "epoch": 1, "model": {}}, last)
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match="has version 1, this cxr reads version"):
+        run(make_cfg(*DETERMINISTIC), tmp_path, resume=True)
+    assert last.read_bytes() == before
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_sweep_rerun_skips_finished_reruns_failed_and_resumes_interrupted_jobs(tmp_path):
+    """Job 0 finishes, job 1 fails (the loss diverges), job 2 is stopped in its second epoch."""
+    sweep, log = tmp_path / "sweep", tmp_path / "log"
+    command = ("-m", "debug=smoke", "optimizer.lr=1e-4,1e10,2e-4", "trainer.bootstrap=0",
+               "trainer.tensorboard_images=false", f"hydra.sweep.dir={sweep}")
+    proc = start(log, *command)
+    wait_for(proc, log, sweep, "2_*/best.pt")  # job 2 has finished epoch 1
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    assert proc.returncode == 130, log.read_text()  # a signal stops the whole sweep
+    jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
+    assert [read_result(job)["status"] for job in jobs] == ["ok", "failed", "interrupted"]
+    finished = {name: stamp(jobs[0] / name) for name in ("result.json", "best.pt", "last.pt")}
+    failed_before = stamp(jobs[1] / "result.json")
+
+    second = subprocess.run([sys.executable, "-m", "cxr.train", *command], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ONE_THREAD,
+                            timeout=600)
+    output = second.stdout
+    assert second.returncode == 1, output  # the report marks the failed job
+    assert f"already finished: {jobs[0] / 'result.json'} (status ok), skipping" in output
+    assert {name: stamp(jobs[0] / name) for name in finished} == finished
+    assert stamp(jobs[1] / "result.json") != failed_before
+    assert read_result(jobs[1])["error"] == "non-finite loss at epoch 1, step 2"
+    assert f"resumed from {jobs[2] / 'last.pt'} at epoch 2" in output
+    resumed = read_result(jobs[2])
+    assert resumed["status"] == "ok" and [row["epoch"] for row in resumed["history"]] == [1, 2]
+
+    with (sweep / "results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((float(row["optimizer.lr"]), row["status"]) for row in rows) == [
+        (1e-4, "ok"), (2e-4, "ok"), (1e10, "failed")]

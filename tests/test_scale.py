@@ -1,0 +1,224 @@
+"""Scaling out on the engines users know: Hydra's launchers, torchrun (DDP) and the Optuna sweeper.
+
+Each test runs the real command line in a subprocess, on the CPU with debug=smoke, into tmp_path.
+The fast set covers the joblib launcher and torchrun; the rest is marked slow.
+"""
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cxr.data import eval_batches, load_dataset, preprocess
+from cxr.engine import evaluate
+from cxr.metrics import classification_metrics
+from cxr.model import build_model
+from cxr.train import CONFIG_DIR, sweep_job_device
+
+# the smoke run without what scaling out does not touch (bootstrap intervals, TensorBoard figures)
+SMOKE = ("debug=smoke", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+TIMEOUT_S = 900
+
+
+def subprocess_env() -> dict:
+    """This process's environment (the session's CXR_CACHE_DIR included), one thread a process:
+    jobs side by side must not fight over a CI machine's few cores (joblib limits its workers'
+    threads itself, submitit_local does not)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+
+
+def run_command(*args: str, cwd: Path) -> None:
+    """Run a command to the end; on failure, show the end of its output."""
+    proc = subprocess.run(args, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-4000:]}"
+
+
+def cxr_train(*args: str, cwd: Path) -> None:
+    run_command(sys.executable, "-m", "cxr.train", *args, cwd=cwd)
+
+
+def job_results(sweep_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/result.json"))]
+
+
+def report_rows(sweep_dir: Path) -> list[dict]:
+    """results.csv, one row per job, written by the aggregator at the end of the multirun."""
+    with (sweep_dir / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def assert_two_ok_jobs(sweep_dir: Path) -> None:
+    results = job_results(sweep_dir)
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert sorted(r["seed"] for r in results) == [0, 1]
+    assert [row["status"] for row in report_rows(sweep_dir)] == ["ok", "ok"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+@pytest.mark.parametrize(("device", "job_num", "gpu_count", "expected"), [
+    ("auto", 0, 4, "cuda:0"),
+    ("auto", 5, 4, "cuda:1"),  # more jobs than GPUs: round robin
+    ("cuda", 3, 2, "cuda:1"),
+    ("auto", 3, 1, "auto"),  # one GPU (or a SLURM task that sees only its own): as configured
+    ("auto", 3, 0, "auto"),
+    ("cpu", 3, 4, "cpu"),  # an explicit choice is kept
+    ("cuda:2", 3, 4, "cuda:2"),
+])
+def test_sweep_jobs_spread_over_the_gpus(device, job_num, gpu_count, expected):
+    assert sweep_job_device(device, job_num, gpu_count) == expected
+
+
+def test_launcher_presets_compose():
+    """conf/hydra/launcher/: the plugins' schemas reject a misspelt key at compose time."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        slurm = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
+        per_gpu = compose("train", ["hydra/launcher=per_gpu"], return_hydra_config=True)
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert slurm.hydra.launcher.gpus_per_node == 1
+    assert slurm.hydra.launcher.max_num_timeout > 0  # else a timed-out job is not requeued
+    assert per_gpu.hydra.launcher.n_jobs == max(1, torch.cuda.device_count())
+
+
+def test_joblib_sweep_runs_jobs_side_by_side_into_one_sweep_dir(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    cxr_train("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE, "seed=0,1",
+              cwd=tmp_path)
+    # the default sweep dir: every job, in its own process, resolved the same µs timestamp
+    (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    assert_two_ok_jobs(sweep_dir)
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_finishes_and_aggregates(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    cxr_train("-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}", *SMOKE,
+              "seed=0,1", cwd=tmp_path)
+    assert_two_ok_jobs(sweep_dir)
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (command) state ppid ...": the command may hold spaces and parentheses
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+        if parent == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout_s: float = TIMEOUT_S):
+    deadline = time.monotonic() + timeout_s
+    while not (found := condition()):
+        assert proc.poll() is None, f"ended before the {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
+        time.sleep(0.5)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job through /proc")
+def test_submitit_requeue_resumes_from_last_checkpoint(tmp_path):
+    """A SLURM time limit, acted out on this machine: the USR2 that SLURM sends before the limit
+    makes submitit call the launcher's checkpoint(), which requeues the job; the requeued job
+    must continue from last.pt, not start over."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir, output = tmp_path / "sweep", tmp_path / "multirun.log"
+    args = ("-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}", *SMOKE,
+            "trainer.epochs=6")
+    # its own session: on failure the whole tree (Hydra, submitit's controller, the job) goes
+    with output.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cxr.train", *args], cwd=tmp_path,
+                                env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        log = wait_for(lambda: next(sweep_dir.glob("0_*/train.log"), None), proc, "job log")
+        # epoch 2 has begun, so last.pt holds epoch 1 at least
+        wait_for(lambda: "epoch 2/6" in log.read_text(), proc, "second epoch")
+        # submitit_local's job id is the pid of its controller, whose child runs the job
+        (controller,) = [int(p.name) for p in (sweep_dir / ".submitit").iterdir()
+                         if p.name.isdigit()]
+        (job,) = child_pids(controller)
+        os.kill(job, signal.SIGUSR2)
+        proc.wait(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output.read_text()[-4000:]
+    (result,) = job_results(sweep_dir)
+    assert result["status"] == "ok"
+    assert [row["epoch"] for row in result["history"]] == [1, 2, 3, 4, 5, 6]
+    resumed = re.search(r"resumed from \S+ at epoch (\d+)", log.read_text())
+    assert resumed and int(resumed.group(1)) >= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: one variant on two processes
+
+
+def test_torchrun_writes_one_result_that_a_single_process_reproduces(tmp_path):
+    run_dir = tmp_path / "run"
+    # --standalone: a free port of its own, so that concurrent test runs do not collide
+    run_command(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "cxr.train", "debug=smoke", "trainer.device=cpu",
+                f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert list(tmp_path.rglob("result.json")) == [run_dir / "result.json"]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "ok" and result["world_size"] == 2
+
+    # the same best.pt, evaluated by one process on the same test split
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    dataset = load_dataset(cfg.data)
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    model = build_model(cfg.model, cfg.data.image_size, len(dataset.classes))
+    model.load_state_dict(best["model"])  # the unwrapped model: no DDP "module." prefix
+    batches = ((preprocess(x, cfg.trainer.channels_last), y)
+               for x, y in eval_batches(dataset.test, cfg.trainer.eval_batch_size))
+    _, probs, labels = evaluate(model, batches, device=torch.device("cpu"))
+    metrics = classification_metrics(labels, probs, best["threshold"], dataset.positive_index)
+
+    assert len(labels) == result["data"]["test"]  # every test image counted once
+    assert metrics["acc"] == result["metrics"]["test/acc"]
+    assert metrics["auroc"] == pytest.approx(result["metrics"]["test/auroc"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optuna
+
+
+@pytest.mark.slow
+def test_optuna_search_and_its_report_pick_the_best_validation_auroc(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    sweep_dir = tmp_path / "sweep"
+    # SQLite storage: the path that needs SQLAlchemy < 2 with optuna 2.10 (pyproject's extra)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cxr_train("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *SMOKE,
+              f"hydra.sweep.dir={sweep_dir}", f"hydra.sweeper.storage={storage}", cwd=tmp_path)
+
+    assert [r["status"] for r in job_results(sweep_dir)] == ["ok"] * 3
+    rows = report_rows(sweep_dir)
+    best_auroc = max(float(row["val/auroc"]) for row in rows)
+    (marked,) = [row for row in rows if row["best_val_auroc"] == "true"]
+    assert float(marked["val/auroc"]) == best_auroc
+
+    study = optuna.load_study(study_name="cxr", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert study.best_value == pytest.approx(best_auroc)

@@ -62,6 +62,8 @@ SEED_COLUMNS = (
 )
 COLUMNS = SEED_COLUMNS + (
     Column("Accuracy 95% CI", "test/acc_ci95", "interval"),
+    # the accuracy of always answering the commonest test class: the floor a model must beat
+    Column("Majority Rate", "majority_rate", "percent"),
     Column("Val Accuracy", "val/acc", "percent", "max"),
     Column("Val AUROC", "val/auroc", "auroc", "max"),
     Column("Test AUROC", "test/auroc", "auroc", "max"),
@@ -157,6 +159,7 @@ def job_row(job_dir: Path, result: dict, label: str) -> dict:
         "time.train_ms": (result.get("time") or {}).get("train_ms"),
         **{c.key: metrics.get(c.key) for c in COLUMNS if c.key.startswith(("test/", "val/"))},
         "test/acc_ci95": tuple(interval) if interval else None,
+        "majority_rate": result.get("majority_rate"),
         "best_epoch": result.get("best_epoch"), "epochs": result.get("epochs"),
         "seed": result.get("seed"),
         # weights null (random init) is shown as Hydra spells it, not as a missing value

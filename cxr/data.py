@@ -115,7 +115,7 @@ def resolve_root(root: str | os.PathLike) -> Path:
     raise DataError(f"no train/ folder in data.root {root} (expected root/{{train,val,test}}/<class>/)")
 
 
-def _visible(path: Path) -> bool:
+def is_visible(path: Path) -> bool:
     # macOS leaves .DS_Store, ._* resource forks and __MACOSX/ behind: never data
     return not path.name.startswith(".") and path.name != "__MACOSX"
 
@@ -123,7 +123,7 @@ def _visible(path: Path) -> bool:
 def find_classes(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise DataError(f"missing split folder: {split_dir}")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and _visible(p))
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and is_visible(p))
     if len(classes) < 2:
         raise DataError(f"need at least two class folders in {split_dir}, found {classes or 'none'}")
     return classes
@@ -136,7 +136,7 @@ def list_files(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
         folder = split_dir / name
         if not folder.is_dir():
             raise DataError(f"missing class folder: {folder}")
-        files = sorted(p for p in folder.iterdir() if p.is_file() and _visible(p))
+        files = sorted(p for p in folder.iterdir() if p.is_file() and is_visible(p))
         if not files:
             raise DataError(f"no images in class folder: {folder}")
         items += [(str(p), label) for p in files]

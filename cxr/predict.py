@@ -28,7 +28,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cxr.checkpoint import CheckpointError, load_checkpoint
-from cxr.data import _visible, decode_split, eval_batches, positive_index, preprocess
+from cxr.data import decode_split, eval_batches, is_visible, positive_index, preprocess
 from cxr.explain import grad_cam, save_overlay
 from cxr.metrics import predict
 from cxr.model import Classifier, build_model
@@ -80,7 +80,7 @@ def find_images(inputs: str | Path) -> list[Path]:
     return sorted(
         path for path in inputs.rglob("*")
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-        and all(_visible(Path(part)) for part in path.relative_to(inputs).parts)
+        and all(is_visible(Path(part)) for part in path.relative_to(inputs).parts)
     )
 
 

@@ -15,7 +15,6 @@ results.csv always holds one row per job.
 
 import argparse
 import csv
-import json
 import logging
 import math
 import re
@@ -34,10 +33,12 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from cxr import results  # noqa: E402
+from cxr.results import OK, RESULT_FILE  # noqa: E402
+from cxr.tensorboard import write_experiment  # noqa: E402
+
 log = logging.getLogger("cxr.aggregate")
 
-RESULT_FILE = "result.json"  # written by cxr.train into each job's folder
-OK = "ok"
 MISSING = "missing"  # a job folder without result.json: killed hard, or still running
 CONFIDENCE = 0.95
 REPORT_FILES = ("results.md", "results.csv", "results.png", "curves.png")
@@ -64,6 +65,8 @@ COLUMNS = SEED_COLUMNS + (
     Column("Accuracy 95% CI", "test/acc_ci95", "interval"),
     # the accuracy of always answering the commonest test class: the floor a model must beat
     Column("Majority Rate", "majority_rate", "percent"),
+    # mean of sensitivity and specificity: what accuracy hides on an imbalanced test split
+    Column("Balanced Accuracy", "test/balanced_acc", "percent", "max"),
     Column("Val Accuracy", "val/acc", "percent", "max"),
     Column("Val AUROC", "val/auroc", "auroc", "max"),
     Column("Test AUROC", "test/auroc", "auroc", "max"),
@@ -76,6 +79,8 @@ COLUMNS = SEED_COLUMNS + (
     Column("Device", "device"),
     Column("Status", "status"),
     Column("Error", "error"),
+    # constant predictions, or accuracy below the majority rate: finished, but learned nothing
+    Column("Warning", "warning"),
     Column("Best (val AUROC)", "best_val_auroc", "flag"),
 )
 N_COLUMN = Column("n", "n", "int")  # grouped rows only: the seeds that finished
@@ -125,12 +130,10 @@ def read_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:
     job_dirs |= {p.parent for p in sweep_dir.glob("*/.hydra")}
     jobs = []
     for job_dir in sorted(job_dirs, key=job_number):
-        path = job_dir / RESULT_FILE
-        if path.exists():
-            jobs.append((job_dir, json.loads(path.read_text())))
-        else:
-            error = f"no {RESULT_FILE}: killed, or still running"
-            jobs.append((job_dir, {"status": MISSING, "error": error}))
+        record = results.read(job_dir)
+        if record is None:
+            record = {"status": MISSING, "error": f"no readable {RESULT_FILE}: killed, or still running"}
+        jobs.append((job_dir, record))
     return jobs
 
 
@@ -150,24 +153,17 @@ def model_label(result: dict, varying: list[str]) -> str:
 
 
 def job_row(job_dir: Path, result: dict, label: str) -> dict:
-    model, metrics = result.get("model") or {}, result.get("metrics") or {}
-    interval = (result.get("intervals") or {}).get("test/acc")
-    return {
+    values = results.flat(result)
+    row = {column.key: values.get(column.key) for column in COLUMNS}
+    row.update({
         "job": job_dir.name, "overrides": " ".join(result.get("overrides") or []), "model": label,
-        "model.hidden_layers": model.get("hidden_layers"), "model.dense": model.get("dense"),
-        "optimizer.lr": (result.get("optimizer") or {}).get("lr"),
-        "time.train_ms": (result.get("time") or {}).get("train_ms"),
-        **{c.key: metrics.get(c.key) for c in COLUMNS if c.key.startswith(("test/", "val/"))},
-        "test/acc_ci95": tuple(interval) if interval else None,
-        "majority_rate": result.get("majority_rate"),
-        "best_epoch": result.get("best_epoch"), "epochs": result.get("epochs"),
-        "seed": result.get("seed"),
         # weights null (random init) is shown as Hydra spells it, not as a missing value
-        "model.weights": str(model.get("weights") or "null") if model else None,
-        "device": result.get("device"), "status": result.get("status", MISSING),
-        "error": result.get("error"), "best_val_auroc": False,
-        "history": result.get("history") or [], "test_size": (result.get("data") or {}).get("test"),
-    }
+        "model.weights": str(values.get("model.weights") or "null") if result.get("model") else None,
+        "status": result.get("status", MISSING), "best_val_auroc": False,
+        "warning": "; ".join(result.get("warnings") or []) or None,
+        "history": result.get("history") or [], "test_size": values.get("data.test"),
+    })
+    return row
 
 
 def variant_row(label: str, jobs: list[dict]) -> dict:
@@ -459,6 +455,10 @@ def aggregate(sweep_dir: str | Path) -> Report:
     plot_results(rows, chart)
     plot_curves(rows, curves)
     report.files = [markdown, table_csv, chart, curves]
+    # TensorBoard's HParams table: what the sweep varied first, the deciding metrics first
+    hparams = [result["hparams"] for _, result in jobs if result.get("hparams")]
+    if hparams:
+        write_experiment(sweep_dir, hparams, [*results.DECIDING_METRICS, "val/loss", "test/loss"])
     failed = [job for job in report.jobs if job["status"] != OK]
     print(f"\n{table}\n")
     if failed:

@@ -41,23 +41,15 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from cxr.data import (
-    Split,
-    eval_batches,
-    find_classes,
-    list_files,
-    load_split,
-    preprocess,
-    subset,
-    train_batches,
-)
+from cxr.batches import eval_batches, preprocess, train_batches
+from cxr.config import CONF_DIR, register_configs
+from cxr.data import Split, find_classes, list_files, load_split, subset
 from cxr.engine import autocast, evaluate, train_one_epoch
-from cxr.features import cached_features, extract
-from cxr.model import build_head, build_model, feature_count
+from cxr.features import TrainingView, cached_features, extract, training_view
+from cxr.model import build_head, build_model, build_optimizer, feature_count
+from cxr.runtime import amp_setup, device_name, pick_device
 from cxr.synthetic import render_chest
-from cxr.train import amp_setup, build_optimizer, device_name, pick_device
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # measured on cxr-fullres: real radiographs take about 0.2 bytes per pixel as JPEG; a smooth
 # upscale takes half that, so generated images get this much film grain at full size
 GRAIN = 3.0
@@ -166,27 +158,29 @@ def bench_loader(root: Path, items, size: int, batch_size: int, repeats: int, wo
             "cached_normalised_vs_naive": s["naive"] / s["normalised"]}
 
 
-def trainer_epoch(model, optimizer, split: Split, cfg, device, amp_dtype, scaler, epoch: int):
-    """One epoch of the real trainer: shuffled device batches, normalised on the device."""
-    batches = ((preprocess(images, cfg.trainer.channels_last), labels)
-               for images, labels in train_batches(split, cfg.trainer.batch_size, epoch, cfg.seed))
-    train_one_epoch(model, optimizer, batches, device=device, epoch=epoch, amp_dtype=amp_dtype,
+def trainer_epoch(view: TrainingView, optimizer, cfg, device, amp_dtype, scaler, epoch: int):
+    """One epoch of the real trainer (as cxr.train.fit runs it): shuffled device batches,
+    normalised on the device."""
+    batches = view.train_inputs(cfg.trainer.batch_size, epoch, cfg.seed, augment=False)
+    train_one_epoch(view.module, optimizer, batches, device=device, epoch=epoch, amp_dtype=amp_dtype,
                     scaler=scaler, log_every=cfg.trainer.log_every,
-                    total=math.ceil(len(split) / cfg.trainer.batch_size), progress=False)
+                    total=math.ceil(len(view.train) / cfg.trainer.batch_size), progress=False)
 
 
-def training_setup(cfg, size: int, device: torch.device):
+def training_setup(cfg, split: Split, device: torch.device):
+    """The model, its training view, optimizer, autocast dtype and scaler, as cxr.train builds them."""
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model = build_model(cfg.model, size, 2).to(device, memory_format=memory_format)
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
-    return model, optimizer, *amp_setup(cfg.trainer.amp, device)
+    model = build_model(cfg.model, split.images.shape[-1], 2).to(device, memory_format=memory_format)
+    amp_dtype, scaler = amp_setup(cfg.trainer.amp, device)
+    view = training_view(model, (split, split, split), cfg, device, amp_dtype)
+    return model, view, build_optimizer(view.module, cfg.optimizer), amp_dtype, scaler
 
 
 def bench_train(split: Split, cfg, device: torch.device, repeats: int) -> dict:
     """Both loops over the same few batches: short timings, so that many alternate in a minute."""
     batch, n = cfg.trainer.batch_size, len(split)
     split = split.to(device)
-    model, optimizer, amp_dtype, scaler = training_setup(cfg, split.images.shape[-1], device)
+    model, view, optimizer, amp_dtype, scaler = training_setup(cfg, split, device)
     inputs = preprocess(split.images, cfg.trainer.channels_last)
     epochs = iter(range(1, repeats + 1))
 
@@ -206,7 +200,7 @@ def bench_train(split: Split, cfg, device: torch.device, repeats: int) -> dict:
                 scaler.update()
 
     def trainer():
-        trainer_epoch(model, optimizer, split, cfg, device, amp_dtype, scaler, next(epochs))
+        trainer_epoch(view, optimizer, cfg, device, amp_dtype, scaler, next(epochs))
 
     bare(2 * batch)  # warm-up: first-call allocations and kernel choices
     s = side_by_side({"bare": bare, "trainer": trainer}, repeats, device)
@@ -216,7 +210,7 @@ def bench_train(split: Split, cfg, device: torch.device, repeats: int) -> dict:
 
 
 def head_variants() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("resultset*.yaml"))
+    return sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("resultset*.yaml"))
 
 
 def bench_frozen(split: Split, cfg, device: torch.device, repeats: int, compose_cfg,
@@ -227,8 +221,9 @@ def bench_frozen(split: Split, cfg, device: torch.device, repeats: int, compose_
     each on a val share, tested once on the rest (the Kaggle data's 80/9/11 with val_fraction 0.1).
     """
     size = split.images.shape[-1]
-    model, _, amp_dtype, _ = training_setup(cfg, size, device)
     split = split.to(device)
+    model = build_model(cfg.model, size, 2).to(device)
+    amp_dtype, _ = amp_setup(cfg.trainer.amp, device)
     channels_last, eval_batch = cfg.trainer.channels_last, cfg.trainer.eval_batch_size
     warm_up = Split(split.images[:eval_batch], split.labels[:eval_batch], [])
     extract(model.backbone, warm_up, eval_batch, device, amp_dtype, channels_last)
@@ -247,7 +242,7 @@ def bench_frozen(split: Split, cfg, device: torch.device, repeats: int, compose_
         for vcfg in variants.values():
             head = build_head(feature_count(vcfg.model.pooling, size), vcfg.model.dense,
                               vcfg.model.hidden_layers, vcfg.model.dropout, 2).to(device)
-            optimizer = build_optimizer(head.parameters(), vcfg.optimizer)
+            optimizer = build_optimizer(head, vcfg.optimizer)
             for epoch in range(1, vcfg.trainer.epochs + 1):
                 batches = train_batches(train, vcfg.trainer.batch_size, epoch, vcfg.seed)
                 train_one_epoch(head, optimizer, batches, device=device, epoch=epoch,
@@ -267,11 +262,11 @@ def bench_gpu(split: Split, cfg, device: torch.device, repeats: int, min_images:
     """The real trainer on the GPU at the seed's resolution, on enough images for long epochs."""
     copies = math.ceil(min_images / len(split))
     split = Split(split.images.repeat(copies, 1, 1, 1), split.labels.repeat(copies), []).to(device)
-    model, optimizer, amp_dtype, scaler = training_setup(cfg, split.images.shape[-1], device)
+    _, view, optimizer, amp_dtype, scaler = training_setup(cfg, split, device)
     epochs = iter(range(1, repeats + 3))
 
     def epoch():
-        trainer_epoch(model, optimizer, split, cfg, device, amp_dtype, scaler, next(epochs))
+        trainer_epoch(view, optimizer, cfg, device, amp_dtype, scaler, next(epochs))
 
     epoch()  # warm-up: cudnn.benchmark tries its kernels on the first batches
     s = side_by_side({"trainer": epoch}, repeats, device)
@@ -318,8 +313,10 @@ def main(argv=None) -> dict:
     torch.backends.cudnn.benchmark = True  # fixed shapes, as the trainer runs them
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
 
+    register_configs()
+
     def compose_cfg(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose("train", overrides=[
                 "model.weights=null", f"trainer.batch_size={args.batch_size}",
                 f"trainer.epochs={args.head_epochs}", f"data.cache_dir={work}", *overrides])
@@ -366,7 +363,8 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     targets = {
-        "loader.cached >= 20x naive": report["loader"]["cached_vs_naive"] >= 20,
+        # normalised float batches on both sides: what the trainer gets from either loader
+        "loader.cached >= 20x naive": report["loader"]["cached_normalised_vs_naive"] >= 20,
         "loader.cache_build >= 2x naive": report["loader"]["cache_build_vs_naive"] >= 2,
         "train.trainer >= 0.9x bare": report["train"]["trainer_vs_bare"] >= 0.9,
         "frozen.seven_heads <= 1.5x one pass": report["frozen"]["seven_heads_vs_one_pass"] <= 1.5,

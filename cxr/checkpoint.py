@@ -1,19 +1,41 @@
-"""Checkpoints that survive crashes and never execute code when read.
+"""The checkpoint formats: the only module that builds or reads last.pt and best.pt.
 
-Written to a temporary file in the same folder and moved into place with os.replace, so a crash or
-a full disk mid-write leaves the previous checkpoint intact. Read with `weights_only=True`: only
-tensors and plain containers, so RNG states are stored as tensors and lists, not pickled objects.
+    last.pt   everything a resumed run needs to go on exactly as if never stopped: the trained
+              weights, optimizer and scaler state, the loop's state, every rank's RNG states
+    best.pt   the weights of the best epoch by validation, and what cxr.predict needs to use
+              them: classes, image size, normalisation, the network's shape, the threshold
+
+With a frozen backbone both hold only what trains (feature standardisation + head, a few hundred
+KB) and a reference to the backbone: its weights setting, the seed of a random init and a digest
+of its tensors, from which `load_classifier` rebuilds and verifies it. Files are written
+atomically and read with `weights_only=True`: only tensors and plain containers, never code.
 """
 
-import os
-import random
+import logging
+from dataclasses import asdict, fields
 from pathlib import Path
 
-import numpy as np
 import torch
+from omegaconf import OmegaConf
+
+from cxr.batches import MEAN, STD
+from cxr.engine import TrainingState
+from cxr.files import atomic_write
+from cxr.model import Classifier, build_model, weights_digest
+from cxr.runtime import Runtime, rng_state, set_rng_state
+
+log = logging.getLogger("cxr")
 
 # bump when the layout changes: older files are refused with a message instead of misread
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
+LAST, BEST = "last.pt", "best.pt"
+# config keys that may change between a run and its resumption (or extension: trainer.epochs)
+RESUMABLE_CHANGES = {"trainer.resume", "trainer.epochs", "trainer.progress", "trainer.device",
+                     "trainer.log_every", "trainer.eval_batch_size", "trainer.bootstrap",
+                     "trainer.tensorboard_images", "trainer.keep_last", "data.cache_dir",
+                     "data.decode_workers", "data.root"}
+# what predict needs from best.pt
+INFERENCE_KEYS = ("model", "classes", "image_size", "mean", "std", "threshold", "model_config")
 
 
 class CheckpointError(Exception):
@@ -22,22 +44,19 @@ class CheckpointError(Exception):
 
 def save_checkpoint(state: dict, path: Path) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save({"version": CHECKPOINT_VERSION, **state}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save({"version": CHECKPOINT_VERSION, **state}, f))
     except OSError as error:  # disk full, quota, permissions: say so in one line
         kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} yet"
         raise CheckpointError(f"cannot write {path}: {error.strerror or error}; {kept}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: "
+                              f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}") from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         found = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path} has version {found}, this cxr reads version "
@@ -45,25 +64,118 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return state
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
-        # the whole MT19937 state, including the cached second Gaussian of a Box-Muller pair
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def fingerprint(cfg) -> dict:
+    """The flat config without the keys a resumed run may change: what must match to resume."""
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    flat = dict(walk(OmegaConf.to_container(cfg, resolve=True)))
+    return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
 
 
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((3, tuple(py[:-1]), py[-1] or None))
-    np_state = state["numpy"]
-    keys = np_state["keys"].numpy().astype(np.uint32)
-    np.random.set_state(
-        ("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def trained_state(model: Classifier, frozen: bool) -> dict:
+    """The weights a checkpoint holds: all of them, or all but the frozen backbone's."""
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if not (frozen and k.startswith("backbone."))}
+
+
+class Checkpoints:
+    """last.pt and best.pt of one run folder, for the model, optimizer and scaler of this run.
+
+    Every rank calls `save_last` (it gathers their RNG states); rank 0 alone writes.
+    """
+
+    def __init__(self, output_dir: Path, model: Classifier, optimizer, runtime: Runtime, cfg,
+                 classes: list[str]):
+        self.last_path, self.best_path = Path(output_dir) / LAST, Path(output_dir) / BEST
+        self.model, self.optimizer, self.runtime, self.cfg = model, optimizer, runtime, cfg
+        self.classes = classes
+        self.frozen = cfg.model.freeze_backbone
+        self.fingerprint = fingerprint(cfg)
+        # the frozen backbone, by reference: rebuilt from its settings and checked by its digest
+        self.backbone = ({"weights": cfg.model.weights, "init_seed": cfg.seed,
+                          "digest": weights_digest(model.backbone)} if self.frozen else None)
+
+    def save_last(self, state: TrainingState) -> None:
+        rngs = self.runtime.gather(rng_state(self.runtime.device))
+        if not self.runtime.is_main:
+            return
+        scaler = self.runtime.scaler
+        save_checkpoint({"model": trained_state(self.model, self.frozen), "backbone": self.backbone,
+                         "optimizer": self.optimizer.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         **asdict(state), "rng": rngs, "num_threads": torch.get_num_threads(),
+                         "fingerprint": self.fingerprint,
+                         "config": OmegaConf.to_container(self.cfg, resolve=True)}, self.last_path)
+
+    def save_best(self, epoch: int, threshold: float, weights: dict | None = None) -> None:
+        if not self.runtime.is_main:
+            return
+        weights = trained_state(self.model, self.frozen) if weights is None else weights
+        save_checkpoint({"model": weights, "backbone": self.backbone, "epoch": epoch,
+                         "threshold": threshold, "classes": self.classes,
+                         "image_size": self.cfg.data.image_size, "mean": list(MEAN), "std": list(STD),
+                         "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
+                         "init_seed": self.cfg.seed, "fingerprint": self.fingerprint}, self.best_path)
+
+    def resume(self) -> TrainingState:
+        """The state in last.pt, loaded into the model, optimizer, scaler and RNGs."""
+        saved = load_checkpoint(self.last_path)
+        changed = sorted(k for k in set(self.fingerprint) | set(saved["fingerprint"])
+                         if self.fingerprint.get(k) != saved["fingerprint"].get(k))
+        if changed:
+            raise CheckpointError(f"{self.last_path} was written by another config ({', '.join(changed[:5])} "
+                                  "differ); resume with the same config or use a new run dir")
+        self.model.load_state_dict(saved["model"], strict=not self.frozen)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.runtime.scaler is not None and saved["scaler"]:
+            self.runtime.scaler.load_state_dict(saved["scaler"])
+        rngs = saved["rng"]
+        set_rng_state(rngs[self.runtime.rank % len(rngs)], self.runtime.device)
+        if self.cfg.trainer.deterministic and saved["num_threads"] != torch.get_num_threads():
+            # CPU kernels split their sums by thread: the same count gives the same numbers
+            log.info("using %d CPU threads as before the interruption (not %d)",
+                     saved["num_threads"], torch.get_num_threads())
+            torch.set_num_threads(saved["num_threads"])
+        state = TrainingState(**{f.name: saved[f.name] for f in fields(TrainingState)})
+        if state.best_epoch == state.epoch and self._best_epoch_on_disk() != state.best_epoch:
+            # killed between writing last.pt and best.pt: last.pt's weights are the best ones
+            self.save_best(state.best_epoch, state.threshold, saved["model"])
+        log.info("resumed from %s at epoch %d", self.last_path, state.epoch + 1)
+        return state
+
+    def _best_epoch_on_disk(self) -> int | None:
+        return load_checkpoint(self.best_path)["epoch"] if self.best_path.exists() else None
+
+    def load_best(self) -> float:
+        """best.pt's weights into the model; its threshold (chosen on validation)."""
+        best = load_checkpoint(self.best_path, map_location=self.runtime.device)
+        self.model.load_state_dict(best["model"], strict=not self.frozen)
+        return best["threshold"]
+
+    def remove_last(self) -> None:
+        if self.runtime.is_main:
+            self.last_path.unlink(missing_ok=True)
+
+
+def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier, dict]:
+    """The network of a best.pt in eval mode on `device`, and the checkpoint's settings."""
+    state = load_checkpoint(Path(path), map_location="cpu")
+    missing = [key for key in INFERENCE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a best.pt of cxr.train")
+    backbone = state.get("backbone")
+    # the architecture from the checkpoint; the trained weights replace any initial ones, except
+    # a frozen backbone's, which is rebuilt from its reference and must match its digest
+    weights = backbone["weights"] if backbone else None
+    model_cfg = OmegaConf.create({**state["model_config"], "weights": weights})
+    model = build_model(model_cfg, state["image_size"], len(state["classes"]),
+                        init_seed=backbone["init_seed"] if backbone else 0)
+    if backbone and weights_digest(model.backbone) != backbone["digest"]:
+        raise CheckpointError(f"{path}: the backbone rebuilt from model.weights={weights} is not the "
+                              "one this head was trained on (other weights file or torch version)")
+    model.load_state_dict(state["model"], strict=backbone is None)
+    return model.to(device).eval(), state

@@ -1,19 +1,25 @@
-"""Typed schema for the Hydra configs.
+"""Typed schema for the Hydra configs, their range checks and resolvers.
 
 The dataclasses are registered in Hydra's ConfigStore as the base of `conf/train.yaml`, so a typo
 (`model.dens=8`) or a wrong type (`model.dense=abc`) fails at compose time with Hydra's own
 message. Ranges are checked by `validate()` before any work starts: OmegaConf merges do not run
 `__post_init__`, so the checks live in one plain function instead.
+
+Entry points that compose configs call `register_configs()` once; importing this module does not
+register anything (and does not import Hydra), so `cxr.predict` stays free of Hydra's machinery.
 """
 
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+# the one definition of where the Hydra configs live (absolute: found from any working directory)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 class ConfigError(ValueError):
@@ -89,6 +95,9 @@ class TrainerConfig:
     threshold: str = "0.5"  # 0.5 (or any number in (0,1)) | youden: chosen on validation
     deterministic: bool = False
     resume: bool = False
+    # keep last.pt after a run ends ok, so that `trainer.resume=true trainer.epochs=N+k` can extend
+    # it (a finished run otherwise keeps only best.pt: last.pt holds the optimizer state too)
+    keep_last: bool = False
     log_every: int = 10
     progress: bool = True
     bootstrap: int = 1000  # resamples for the 95% intervals of the test metrics (0 = off)
@@ -101,7 +110,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    seed: int = 0
+    seed: int = 0  # the random seed (the Keras experiment cxr reproduces is "the reference")
     variant: str = "custom"
     description: str = ""
 
@@ -130,13 +139,13 @@ def gpu_count() -> int:
 
 
 def register_configs() -> None:
+    """The schema (`train_schema` in conf/train.yaml's defaults) and the `cxr_*` resolvers."""
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("cxr_slug", slug, replace=True)
     OmegaConf.register_new_resolver("cxr_rank_dir", rank_dir, replace=True)
     OmegaConf.register_new_resolver("cxr_gpu_count", gpu_count, replace=True)
-
-
-register_configs()
 
 
 def _check(ok: bool, message: str) -> None:
@@ -147,6 +156,10 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: Any) -> None:
     """Reject values out of range before any work starts (one line naming the key)."""
     m, o, t, d = cfg.model, cfg.optimizer, cfg.trainer, cfg.data
+    _check(not OmegaConf.is_missing(d, "root"),
+           f"data.root is not set: pass data.root=/path/to/{d.name} (the folder holding train/ and test/)")
+    _check(d.limit is None or d.limit >= 4,
+           f"data.limit must be null or >= 4 (two images of each class per split), got {d.limit}")
     _check(m.dense > 0, f"model.dense must be > 0, got {m.dense}")
     _check(m.hidden_layers >= 0, f"model.hidden_layers must be >= 0, got {m.hidden_layers}")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")

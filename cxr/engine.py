@@ -7,6 +7,7 @@ GPU never waits for the host inside the step.
 import math
 from collections.abc import Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,6 +18,32 @@ from tqdm import tqdm
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite: training stops at once, naming the epoch and step."""
+
+
+@dataclass
+class TrainingState:
+    """What the epoch loop carries from one epoch to the next (last.pt holds it)."""
+
+    epoch: int = 0  # the last finished epoch
+    best_score: float = -math.inf  # trainer.monitor of the best epoch, signed: higher is better
+    best_epoch: int | None = None
+    threshold: float | None = None  # chosen on validation in the last finished epoch
+    history: list[dict] = field(default_factory=list)
+    train_ms: float = 0.0
+
+    def advance(self, row: dict, score: float, threshold: float, train_ms: float) -> bool:
+        """Record a finished epoch; whether it is the best so far.
+
+        The first epoch always counts, so an undefined metric (AUROC on a one-class validation
+        split) still leaves a checkpoint to test; later epochs must beat a real number.
+        """
+        self.epoch, self.threshold = row["epoch"], threshold
+        self.history.append(row)
+        self.train_ms += train_ms
+        improved = self.best_epoch is None or (not math.isnan(score) and score > self.best_score)
+        if improved:
+            self.best_score, self.best_epoch = (-math.inf if math.isnan(score) else score), self.epoch
+        return improved
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):

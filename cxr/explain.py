@@ -2,7 +2,7 @@
 
 One implementation for both users: `python -m cxr.predict ... gradcam=DIR` writes an overlay PNG
 per image at the image's own size, and training logs overlays of a few test images to
-TensorBoard (cxr.figures.log_gradcam).
+TensorBoard (cxr.tensorboard.RunBoard.gradcam).
 """
 
 import matplotlib

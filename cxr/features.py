@@ -1,21 +1,25 @@
-"""Frozen-backbone features, computed once: a sweep over heads then costs one backbone pass.
+"""What the trainable module reads: images, or frozen-backbone features computed once.
 
-With `model.freeze_backbone=true` nothing below the head learns, so the backbone maps an image to
-the same vector in every epoch of every job of a sweep. It runs once over each split, in eval mode
-(BatchNorm on its running statistics, as a frozen Keras base runs), and the features are cached as
-float16 in `<data.cache_dir>/features/<key>.npy`; the head then trains on batches of them.
+`training_view()` decides it once per run. Normally the whole classifier trains on normalised
+(and, if asked, augmented) images. With `model.freeze_backbone=true` nothing below the head
+learns, so the backbone maps an image to the same vector in every epoch of every job of a sweep.
+It runs once over each split, in eval mode (BatchNorm on its running statistics, as a frozen
+Keras base runs), and the features are cached as float16 in `<data.cache_dir>/features/<key>.npy`;
+the head then trains on batches of them.
 
 The key covers everything the features depend on: the decoded split (`data.cache_key`: the file
 list with sizes and mtimes, the image size, the decoding), the normalisation, a digest of the
 backbone's weights and buffers (ImageNet, a state-dict file and a seeded random init are told apart
-by what they hold, not by name), the pooling and the autocast dtype.
+by what they hold, not by name), the pooling and the autocast dtype. The classifier's FeatureNorm
+takes the training features' mean and std, so the head reads standardised features.
 """
 
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,8 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.data import MEAN, STD, Split, _atomic_write, cache_key, eval_batches, preprocess
+from cxr.batches import MEAN, STD, eval_batches, preprocess, train_batches
+from cxr.data import Split, cache_key
 from cxr.engine import autocast
+from cxr.files import atomic_write
+from cxr.model import Classifier, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +39,37 @@ log = logging.getLogger(__name__)
 FEATURE_VERSION = 1
 
 
-def weights_digest(backbone: nn.Module) -> str:
-    """sha256 of every parameter and buffer (about 0.05 s for ResNet50 on a CPU)."""
-    digest = hashlib.sha256()
-    for name, tensor in backbone.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+@dataclass
+class TrainingView:
+    """What trains, what it reads, and how a batch of what it reads becomes its input."""
+
+    module: nn.Module  # the whole classifier, or (frozen backbone) its feature_norm + head
+    train: Split
+    val: Split
+    test: Split
+    prepare: Callable[[torch.Tensor, bool], torch.Tensor]  # (batch, augment) -> module input
+
+    def train_inputs(self, batch_size: int, epoch: int, seed: int, augment: bool, rank: int = 0,
+                     world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, labels in train_batches(self.train, batch_size, epoch, seed, rank, world):
+            yield self.prepare(x, augment), labels
+
+    def eval_inputs(self, split: Split, batch_size: int, rank: int = 0,
+                    world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, labels in eval_batches(split, batch_size, rank, world):
+            yield self.prepare(x, False), labels
+
+
+def training_view(model: Classifier, splits: Sequence[Split], cfg, device: torch.device,
+                  amp_dtype: torch.dtype | None) -> TrainingView:
+    """The image view, or the frozen-backbone view when `model.freeze_backbone` is set."""
+    if not cfg.model.freeze_backbone:
+        channels_last = cfg.trainer.channels_last
+        return TrainingView(model, *splits,
+                            prepare=lambda x, augment: preprocess(x, channels_last, augment))
+    features = cached_features(model.backbone, splits, cfg, device, amp_dtype)
+    model.feature_norm.fit(features[0].images)
+    return TrainingView(model.top(), *features, prepare=lambda x, augment: x)
 
 
 def feature_key(split: Split, image_size: int, weights: str, pooling: str,
@@ -101,7 +132,7 @@ def cached_features(backbone: nn.Module, splits: Sequence[Split], cfg, device: t
             started = time.perf_counter()
             features = extract(backbone, split, cfg.trainer.eval_batch_size, device, amp_dtype,
                                cfg.trainer.channels_last)
-            _atomic_write(path, partial(np.save, arr=features.cpu().numpy()))
+            atomic_write(path, partial(np.save, arr=features.cpu().numpy()))
             log.info("features of %d images computed in %.1f s, cached in %s", len(split),
                      time.perf_counter() - started, path)
         # float32 in memory: a head step reads its batch twice (forward, weight gradient), and

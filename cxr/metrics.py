@@ -24,7 +24,7 @@ from sklearn.metrics import (
 )
 
 
-def predict(probs: np.ndarray, threshold: float, positive: int) -> np.ndarray:
+def decide(probs: np.ndarray, threshold: float, positive: int) -> np.ndarray:
     """Class decisions: threshold on P(positive) for two classes, argmax otherwise."""
     if probs.shape[1] == 2:
         return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
@@ -42,7 +42,7 @@ def auroc(labels: np.ndarray, probs: np.ndarray, positive: int) -> float:
 
 def scalar_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float, positive: int) -> dict:
     """acc, balanced_acc, auroc, sensitivity, specificity, precision, f1 (NaN if undefined)."""
-    preds = predict(probs, threshold, positive)
+    preds = decide(probs, threshold, positive)
     classes = np.arange(probs.shape[1])
     precision, recall, f1, _ = precision_recall_fscore_support(
         labels, preds, labels=classes, average=None, zero_division=np.nan)
@@ -69,7 +69,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: flo
     """scalar_metrics() plus the confusion matrix (rows: true class, columns: decision)."""
     metrics = scalar_metrics(labels, probs, threshold, positive)
     classes = np.arange(probs.shape[1])
-    metrics["confusion"] = confusion_matrix(labels, predict(probs, threshold, positive),
+    metrics["confusion"] = confusion_matrix(labels, decide(probs, threshold, positive),
                                             labels=classes).tolist()
     return metrics
 
@@ -102,26 +102,46 @@ def choose_threshold(rule: str, labels: np.ndarray, probs: np.ndarray, positive:
 
 def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, positive: int,
                         resamples: int = 1000, seed: int = 0) -> dict:
-    """95% percentile intervals of every scalar metric over `resamples` resamples of the images.
+    """95% percentile intervals of every scalar metric over `resamples` stratified resamples.
 
-    The seed is fixed, so a run reports the same intervals every time. Resamples where a metric
-    is undefined (e.g. no positive drawn) are left out of that metric's interval.
+    Each class is resampled within itself, so every resample keeps the split's class counts and
+    AUROC, sensitivity and specificity are defined in all of them (a plain resample of a small
+    set can miss a class). A metric still undefined in some resample (precision when nothing is
+    called positive) gets None rather than an interval over the resamples where it happened to
+    be defined, which would be biased. The seed is fixed: a run reports the same intervals.
     """
-    if resamples <= 0:
+    if resamples <= 0 or len(labels) == 0:
         return {}
     rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     samples = defaultdict(list)
     for _ in range(resamples):
-        idx = rng.integers(0, len(labels), len(labels))
+        idx = np.concatenate([rng.choice(members, len(members)) for members in by_class])
         for name, value in scalar_metrics(labels[idx], probs[idx], threshold, positive).items():
             samples[name].append(value)
     intervals = {}
     for name, values in samples.items():
         values = np.asarray(values)
-        values = values[~np.isnan(values)]
-        if len(values):
-            intervals[name] = [float(v) for v in np.percentile(values, [2.5, 97.5])]
+        defined = ~np.isnan(values)
+        intervals[name] = ([float(v) for v in np.percentile(values, [2.5, 97.5])]
+                           if defined.all() else None)
     return intervals
+
+
+def collapse_warnings(labels: np.ndarray, probs: np.ndarray, threshold: float, positive: int,
+                      classes: list[str]) -> list[str]:
+    """What makes a result meaningless although the run finished: one answer for every image, or
+    an accuracy below that of always answering the commonest class."""
+    if len(labels) == 0:
+        return []
+    warnings = []
+    decisions = decide(probs, threshold, positive)
+    if len(np.unique(decisions)) == 1:
+        warnings.append(f"constant predictions: every test image called {classes[decisions[0]]}")
+    accuracy, floor = float(np.mean(decisions == labels)), majority_rate(labels)
+    if accuracy < floor:
+        warnings.append(f"test accuracy {100 * accuracy:.1f}% is below the majority rate {100 * floor:.1f}%")
+    return warnings
 
 
 def majority_rate(labels: np.ndarray) -> float:

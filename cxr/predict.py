@@ -27,20 +27,19 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cxr.checkpoint import CheckpointError, load_checkpoint
-from cxr.data import decode_split, eval_batches, is_visible, positive_index, preprocess
+from cxr.batches import eval_batches, preprocess
+from cxr.checkpoint import CheckpointError, load_classifier
+from cxr.data import decode_split, is_visible, positive_index
 from cxr.explain import grad_cam, save_overlay
-from cxr.metrics import predict
-from cxr.model import Classifier, build_model
-from cxr.train import pick_device
+from cxr.metrics import decide
+from cxr.model import Classifier, WeightsError
+from cxr.runtime import DeviceError, pick_device
 
 log = logging.getLogger("cxr.predict")
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 # files decoded (in parallel) at a time: memory stays flat for folders of any size
 DECODE_CHUNK = 1024
-# what predict needs from best.pt (written by cxr.train)
-CHECKPOINT_KEYS = ("model", "classes", "image_size", "mean", "std", "threshold", "model_config")
 
 
 @dataclass
@@ -55,19 +54,6 @@ class PredictConfig:
 
 class PredictError(Exception):
     """A user mistake (bad or missing argument, no images found): reported as one line."""
-
-
-def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier, dict]:
-    """The trained network in eval mode on `device`, and the checkpoint's settings."""
-    state = load_checkpoint(Path(path), map_location="cpu")
-    missing = [key for key in CHECKPOINT_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a best.pt of cxr.train")
-    # the architecture from the checkpoint; its own weights replace any initial ones
-    model_cfg = OmegaConf.create({**state["model_config"], "weights": None})
-    model = build_model(model_cfg, state["image_size"], len(state["classes"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
 
 
 def find_images(inputs: str | Path) -> list[Path]:
@@ -111,7 +97,7 @@ def classify(model: Classifier, settings: dict, files: list[Path], device: torch
             else:
                 cams, logits = grad_cam(model, x, positive)
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            labels = predict(probs, threshold, positive)
+            labels = decide(probs, threshold, positive)
             for p, label, cam in zip(probs, labels, cams, strict=True):
                 path = next(paths)
                 probabilities = dict(zip(columns, (f"{v:.6f}" for v in p), strict=True))
@@ -165,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError(f"no JPEG or PNG files under {cfg.inputs}")
         device = pick_device(cfg.device)
         model, settings = load_classifier(cfg.checkpoint, device)
-    except (PredictError, CheckpointError) as error:
+    except (PredictError, CheckpointError, DeviceError, WeightsError) as error:
         log.error("%s", error)
         return 1
     overlays = None

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxr.files import exclusive
+
 GENERATOR_VERSION = 3
 # share of NORMAL images per split, as in the real dataset (train 1341/5216, test 234/624)
 NORMAL_SHARE = {"train": 0.26, "val": 0.5, "test": 0.375}
@@ -102,42 +104,59 @@ def _manifest(spec) -> dict:
 def ensure_synthetic(root: str | os.PathLike, spec) -> Path:
     """Generate the dataset under `root` unless a complete copy with the same spec is there.
 
-    Written into a temporary sibling folder and renamed into place, so concurrent jobs of a sweep
-    and interrupted runs never see a half-written dataset.
+    Jobs started together on an empty cache (a joblib sweep, torchrun's ranks) take a lock: the
+    first generates, the others wait and then find the copy complete. A complete copy is never
+    replaced while anyone may read it; only a copy of another spec or generator version (or an
+    interrupted one, which has no manifest) is, under the lock. The images are written into a
+    temporary sibling folder and renamed into place, so nobody ever sees a half-written dataset.
     """
     root = Path(root)
     manifest = _manifest(spec)
-    marker = root / "manifest.json"
-    if marker.exists() and json.loads(marker.read_text()) == manifest:
-        return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    with exclusive(root.parent / f".{root.name}.lock"):
+        if _manifest_of(root) == manifest:
+            return root
+        tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+        try:
+            _generate(tmp, spec)
+            (tmp / "manifest.json").write_text(json.dumps(manifest))
+            if root.exists():  # another spec's or an interrupted copy, at this path
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _manifest_of(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _generate(folder: Path, spec) -> None:
+    """Every split's images, with patients that never cross splits."""
     rng = np.random.default_rng(spec.seed)
     patient = 0
     for split in ("train", "val", "test"):
         total = getattr(spec, split)
         n_normal = round(total * NORMAL_SHARE[split])
         for label, count in (("NORMAL", n_normal), ("PNEUMONIA", total - n_normal)):
-            folder = tmp / split / label
-            folder.mkdir(parents=True)
+            (folder / split / label).mkdir(parents=True)
             names = _file_names(rng, label, count, patient)
-            patient += len(names) + 1  # patients never cross splits
+            patient += len(names) + 1
             for name in names:
-                height = int(rng.integers(spec.min_size, spec.max_size + 1))
-                width = int(height * rng.uniform(1.0, 1.45))
-                # drawn at most 320 px high and upscaled: large files cost little to make
-                scale = min(1.0, 320 / height)
-                pixels = render_chest(rng, int(height * scale), int(width * scale),
-                                      pneumonia=label == "PNEUMONIA")
-                image = Image.fromarray(pixels, "L").resize((width, height), Image.BICUBIC)
-                if rng.random() < 0.1:  # a few RGB files, as in the real dataset
-                    image = image.convert("RGB")
-                image.save(folder / name, quality=int(rng.integers(75, 96)))
-    (tmp / "manifest.json").write_text(json.dumps(manifest))
-    if root.exists():
-        shutil.rmtree(root, ignore_errors=True)
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another job finished first: its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+                _write_image(rng, folder / split / label / name, spec, label == "PNEUMONIA")
+
+
+def _write_image(rng: np.random.Generator, path: Path, spec, pneumonia: bool) -> None:
+    height = int(rng.integers(spec.min_size, spec.max_size + 1))
+    width = int(height * rng.uniform(1.0, 1.45))
+    # drawn at most 320 px high and upscaled: large files cost little to make
+    scale = min(1.0, 320 / height)
+    pixels = render_chest(rng, int(height * scale), int(width * scale), pneumonia=pneumonia)
+    image = Image.fromarray(pixels, "L").resize((width, height), Image.BICUBIC)
+    if rng.random() < 0.1:  # a few RGB files, as in the real dataset
+        image = image.convert("RGB")
+    image.save(path, quality=int(rng.integers(75, 96)))

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import cxr.config  # noqa: F401  (registers the schema and resolvers)
+from cxr.config import CONF_DIR, register_configs
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+register_configs()  # the schema and resolvers, as the entry points register them
 REPO = Path(__file__).resolve().parents[1]
 
 

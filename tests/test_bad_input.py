@@ -89,7 +89,7 @@ def test_empty_class_folder_is_named(dataset, cfg_for, tmp_path):
         file.unlink()
     (folder / ".DS_Store").write_bytes(b"\0")  # hidden files are never images
     out = tmp_path / "run"
-    result = run_safely(cfg_for(dataset), out, [], resume=False)
+    result = run_safely(cfg_for(dataset), out, [])
     assert result["status"] == "failed"
     assert failure(out) == f"no images in class folder: {folder}"
     assert written(out) == ["result.json"]
@@ -106,7 +106,7 @@ def test_single_class_dataset_is_named(dataset, cfg_for, tmp_path, how):
             file.write_bytes(file.read_bytes()[:100])  # every NORMAL image truncated
         expected = f"no readable images in class folder: {normal}"
     out = tmp_path / "run"
-    run_safely(cfg_for(dataset), out, [], resume=False)
+    run_safely(cfg_for(dataset), out, [])
     assert failure(out) == expected
     assert written(out) == ["result.json"]
 
@@ -116,13 +116,13 @@ def test_split_without_readable_images_is_named(dataset, cfg_for, tmp_path):
         for i, file in enumerate(sorted((dataset / "test" / label).iterdir())):
             file.write_bytes(b"" if i % 2 else b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "run"
-    run_safely(cfg_for(dataset), out, [], resume=False)
+    run_safely(cfg_for(dataset), out, [])
     assert failure(out) == f"no readable images in {dataset / 'test'}"
     assert written(out) == ["result.json"]
 
 
 def test_image_size_too_small_fails_before_any_work(make_cfg, tmp_path):
-    result = run_safely(make_cfg("debug=smoke", "data.image_size=16"), tmp_path, [], resume=False)
+    result = run_safely(make_cfg("debug=smoke", "data.image_size=16"), tmp_path, [])
     assert result["status"] == "failed"
     assert failure(tmp_path) == ("data.image_size must be >= 32 for ResNet50 (it downsamples 32x), "
                                  "got 16")
@@ -132,7 +132,7 @@ def test_image_size_too_small_fails_before_any_work(make_cfg, tmp_path):
 def test_non_finite_loss_stops_at_once_naming_epoch_and_step(make_cfg, tmp_path):
     # Adam's first step moves every weight by about lr: the second forward pass overflows
     cfg = make_cfg("debug=smoke", "optimizer.lr=1e10", "trainer.tensorboard_images=false")
-    run_safely(cfg, tmp_path, [], resume=False)
+    run_safely(cfg, tmp_path, [])
     assert failure(tmp_path) == "non-finite loss at epoch 1, step 2"
     # no epoch finished: last.pt still holds the untouched state before training, and no best.pt
     last = load_checkpoint(tmp_path / "last.pt")
@@ -150,13 +150,12 @@ def test_failed_checkpoint_write_keeps_the_previous_one(make_cfg, tmp_path, monk
             return real_save(state, path, *args, **kwargs)
         buffer = io.BytesIO()
         real_save(state, buffer)
-        with open(path, "wb") as f:
-            f.write(buffer.getvalue()[: buffer.tell() // 2])
+        path.write(buffer.getvalue()[: buffer.tell() // 2])  # the temporary file being written
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_full_in_epoch_2)
     cfg = make_cfg("debug=smoke", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
-    run_safely(cfg, tmp_path, [], resume=False)
+    run_safely(cfg, tmp_path, [])
     last_path = tmp_path / "last.pt"
     assert failure(tmp_path) == (f"cannot write {last_path}: No space left on device; "
                                  "the previous last.pt is intact")

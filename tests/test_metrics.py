@@ -17,7 +17,10 @@ from sklearn.metrics import (
 )
 
 import cxr.train
-from cxr.data import eval_batches, load_dataset, preprocess
+from cxr import results
+from cxr.batches import eval_batches, preprocess
+from cxr.checkpoint import load_classifier
+from cxr.data import load_dataset
 from cxr.engine import evaluate
 from cxr.metrics import (
     bootstrap_intervals,
@@ -26,7 +29,6 @@ from cxr.metrics import (
     majority_rate,
     scalar_metrics,
 )
-from cxr.predict import load_classifier
 
 # ten images, 0 = NORMAL, 1 = PNEUMONIA, and P(PNEUMONIA)
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
@@ -115,7 +117,7 @@ def test_one_class_labels_give_nan_auroc_written_as_null(tmp_path):
     metrics = classification_metrics(labels, BINARY, 0.5, 1)
     assert math.isnan(metrics["auroc"]) and math.isnan(metrics["specificity"])
     assert metrics["sensitivity"] == recall_score(labels, BINARY.argmax(1))
-    cxr.train.write_json(tmp_path / "result.json", {"metrics": metrics})
+    results.write(tmp_path, {"metrics": metrics})
     written = json.loads((tmp_path / "result.json").read_text())["metrics"]
     assert written["auroc"] is None and written["specificity"] is None
     assert written["acc"] == pytest.approx(metrics["acc"])

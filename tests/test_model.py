@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.model import WeightsError, build_model, feature_count
-from cxr.train import build_optimizer
+from cxr.model import WeightsError, build_model, build_optimizer, feature_count
 
 
 def linear_shapes(head: nn.Sequential):
@@ -19,7 +18,7 @@ def test_seed_head_two_hidden_layers_of_16(make_cfg):
     head_params = (flat * 16 + 16) + (16 * 16 + 16) + (16 * 2 + 2)
     assert sum(p.numel() for p in model.head.parameters()) == head_params
     assert sum(p.numel() for p in model.backbone.parameters()) == 23_508_032  # ResNet50 without fc
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer)
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.param_groups[0]["lr"] == 5e-5
 
@@ -38,7 +37,7 @@ def test_feature_count_matches_the_backbone(make_cfg, pooling, size, features):
 def test_freeze_backbone_trains_the_head_only(make_cfg):
     cfg = make_cfg("model.freeze_backbone=true", "data.image_size=64")
     model = build_model(cfg.model, 64, num_classes=2)
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer)
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert trained == {id(p) for p in model.head.parameters()}
 

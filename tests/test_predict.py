@@ -12,10 +12,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from cxr.checkpoint import load_classifier
 from cxr.data import load_dataset
 from cxr.explain import grad_cam, overlay
-from cxr.model import Classifier
-from cxr.predict import classify, load_classifier, main
+from cxr.model import Classifier, FeatureNorm
+from cxr.predict import classify, main
 from cxr.train import run
 from tests.conftest import CONF_DIR
 
@@ -43,7 +44,7 @@ def test_grad_cam_points_at_the_evidence_for_the_class():
     head = nn.Linear(16, 2)
     with torch.no_grad():
         head.weight.copy_(torch.stack([-torch.ones(16), torch.ones(16)]))
-    model = Classifier(backbone, head)
+    model = Classifier(backbone, FeatureNorm(16), head)
     x = torch.zeros(1, 1, 4, 4)
     x[0, 0, 1, 2], x[0, 0, 3, 0] = 1.0, 0.5
     cams, logits = grad_cam(model, x, target=1)

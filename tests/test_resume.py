@@ -21,7 +21,7 @@ from tests.conftest import REPO
 
 # A few seconds per epoch on a CPU, four steps per epoch, bit-for-bit repeatable.
 DETERMINISTIC = ("debug=smoke", "trainer.deterministic=true", "trainer.epochs=3",
-                 "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+                 "trainer.bootstrap=0", "trainer.tensorboard_images=false", "trainer.keep_last=true")
 
 
 # Commands run on one CPU thread, as the reference run does: CPU kernels split their sums by
@@ -126,7 +126,7 @@ def test_sigterm_exits_non_zero_with_one_line_and_a_resumable_last_pt(tmp_path):
 def test_resume_with_another_config_is_refused_and_changes_nothing(reference, make_cfg):
     before = {path.name: stamp(path) for path in reference.iterdir() if path.is_file()}
     with pytest.raises(CheckpointError, match=r"another config \(model\.dense differ"):
-        run(make_cfg(*DETERMINISTIC, "model.dense=16"), reference, resume=True)
+        run(make_cfg(*DETERMINISTIC, "model.dense=16", "trainer.resume=true"), reference)
     assert {path.name: stamp(path) for path in reference.iterdir() if path.is_file()} == before
 
 
@@ -135,7 +135,7 @@ def test_checkpoint_of_another_version_is_refused_and_kept(make_cfg, tmp_path):
     torch.save({"version": 1, "epoch": 1, "model": {}}, last)
     before = last.read_bytes()
     with pytest.raises(CheckpointError, match="has version 1, this cxr reads version"):
-        run(make_cfg(*DETERMINISTIC), tmp_path, resume=True)
+        run(make_cfg(*DETERMINISTIC, "trainer.resume=true"), tmp_path)
     assert last.read_bytes() == before
     assert not (tmp_path / "best.pt").exists()
 
@@ -152,7 +152,8 @@ def test_sweep_rerun_skips_finished_reruns_failed_and_resumes_interrupted_jobs(t
     assert proc.returncode == 130, log.read_text()  # a signal stops the whole sweep
     jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
     assert [read_result(job)["status"] for job in jobs] == ["ok", "failed", "interrupted"]
-    finished = {name: stamp(jobs[0] / name) for name in ("result.json", "best.pt", "last.pt")}
+    finished = {name: stamp(jobs[0] / name) for name in ("result.json", "best.pt")}
+    assert not (jobs[0] / "last.pt").exists()  # removed once the job ended ok
     failed_before = stamp(jobs[1] / "result.json")
 
     second = subprocess.run([sys.executable, "-m", "cxr.train", *command], cwd=REPO, text=True,

@@ -19,11 +19,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cxr.data import eval_batches, load_dataset, preprocess
+from cxr.batches import eval_batches, preprocess
+from cxr.config import CONF_DIR
+from cxr.data import load_dataset
 from cxr.engine import evaluate
 from cxr.metrics import classification_metrics
 from cxr.model import build_model
-from cxr.train import CONFIG_DIR, sweep_job_device
+from cxr.runtime import sweep_job_device
 
 # the smoke run without what scaling out does not touch (bootstrap intervals, TensorBoard figures)
 SMOKE = ("debug=smoke", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
@@ -86,7 +88,7 @@ def test_launcher_presets_compose():
     """conf/hydra/launcher/: the plugins' schemas reject a misspelt key at compose time."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         slurm = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
         per_gpu = compose("train", ["hydra/launcher=per_gpu"], return_hydra_config=True)
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")

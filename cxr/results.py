@@ -1,0 +1,106 @@
+"""result.json: the one record of a run that other tools read (the aggregator, Optuna, users).
+
+This module is the only one that knows the file's name and layout: `train.py` builds records
+through it, `aggregate.py` reads them through it. A record's status is one of
+
+    running       written when the run starts: a folder with it and no process is a killed run
+    ok            finished: metrics of the best validation epoch, the test split once
+    failed        stopped by an error (`error` holds one line; the log has the rest)
+    interrupted   stopped by a signal; last.pt is kept and the run can be resumed
+
+The metric names are the same in result.json, TensorBoard and the report: `<split>/<metric>`.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+from cxr.files import atomic_write
+
+RESULT_FILE = "result.json"
+RUNNING, OK, FAILED, INTERRUPTED = "running", "ok", "failed", "interrupted"
+# the metrics of a split (cxr.metrics.scalar_metrics gives all but loss)
+METRICS = ("loss", "acc", "balanced_acc", "auroc", "sensitivity", "specificity", "precision", "f1")
+# shown first in TensorBoard's HParams table (and used to choose: validation decides, test reports)
+DECIDING_METRICS = ("val/auroc", "test/auroc", "test/balanced_acc", "test/acc", "val/acc",
+                    "test/sensitivity", "test/specificity")
+
+
+def new_record(cfg, overrides) -> dict:
+    """The parts of result.json known before training (also written for failed runs)."""
+    return {
+        "status": RUNNING, "error": None,
+        "variant": cfg.variant, "description": cfg.description, "overrides": list(overrides),
+        "model": {"dense": cfg.model.dense, "hidden_layers": cfg.model.hidden_layers,
+                  "dropout": cfg.model.dropout, "pooling": cfg.model.pooling,
+                  "weights": cfg.model.weights, "freeze_backbone": cfg.model.freeze_backbone},
+        "optimizer": {"name": cfg.optimizer.name, "lr": cfg.optimizer.lr},
+        "data": {"name": cfg.data.name, "image_size": cfg.data.image_size},
+        "metrics": {}, "epochs": cfg.trainer.epochs, "best_epoch": None, "seed": cfg.seed,
+        "device": None, "warnings": [], "time": {},
+    }
+
+
+def data_summary(dataset) -> dict:
+    return {"classes": dataset.classes, "train": len(dataset.train), "val": len(dataset.val),
+            "test": len(dataset.test), "skipped_files": len(dataset.skipped),
+            "skipped": dataset.skipped, "root": str(dataset.root)}
+
+
+def split_metrics(split: str, loss: float, metrics: dict) -> dict:
+    """{"<split>/loss": ..., "<split>/acc": ...} from a loss and cxr.metrics' scalar metrics."""
+    return {f"{split}/loss": loss, **{f"{split}/{name}": metrics[name] for name in METRICS if name in metrics}}
+
+
+def epoch_row(epoch: int, train: dict, val_loss: float, val_metrics: dict) -> dict:
+    """One row of the history: the epoch's training loss/accuracy and its validation metrics."""
+    return {"epoch": epoch, "train/loss": train["loss"], "train/acc": train["acc"],
+            **split_metrics("val", val_loss, val_metrics)}
+
+
+def failure_record(cfg, overrides, status: str, message: str) -> dict:
+    try:
+        record = new_record(cfg, overrides)
+    except Exception:  # the config itself is broken (a missing mandatory value, say)
+        record = {"overrides": list(overrides), "metrics": {}}
+    record.update(status=status, error=message)
+    return record
+
+
+def write(output_dir: str | os.PathLike, record: dict) -> None:
+    text = json.dumps(_json_safe(record), indent=2) + "\n"
+    atomic_write(Path(output_dir) / RESULT_FILE, lambda f: f.write(text.encode()))
+
+
+def read(output_dir: str | os.PathLike) -> dict | None:
+    """The record in `output_dir`, or None when there is none (or it is not readable JSON)."""
+    path = Path(output_dir) / RESULT_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def flat(record: dict) -> dict:
+    """The record's values by their contract names: `model.dense`, `optimizer.lr`, `test/acc`,
+    `time.train_ms`, ... (what the aggregator's columns are keyed by)."""
+    values = {key: value for key, value in record.items() if not isinstance(value, dict)}
+    for section in ("model", "optimizer", "data", "time"):
+        for key, value in (record.get(section) or {}).items():
+            values[f"{section}.{key}"] = value
+    values.update(record.get("metrics") or {})
+    for key, interval in (record.get("intervals") or {}).items():
+        values[f"{key}_ci95"] = tuple(interval) if interval else None
+    return values
+
+
+def _json_safe(value):
+    """NaN (e.g. AUROC on a one-class split) is not JSON: write null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,145 @@
+"""Everything cxr writes to TensorBoard: per-epoch scalars, test results, figures, HParams.
+
+A run's `RunBoard` writes into the run's own folder (one TensorBoard run per job). Under torchrun
+only rank 0 writes; the other ranks get a board that writes nothing. `write_experiment` gives a
+sweep one HParams experiment, so that TensorBoard's table opens on what the sweep varied.
+"""
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are written, never shown
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from torch.utils.tensorboard.summary import hparams  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+from cxr.batches import denormalise, preprocess  # noqa: E402
+from cxr.explain import grad_cam, overlay  # noqa: E402
+from cxr.results import DECIDING_METRICS  # noqa: E402
+
+
+def hparams_of(cfg) -> dict:
+    """The hyperparameters a run shows in the HParams dashboard (and stores in result.json)."""
+    return {"variant": cfg.variant, "model.dense": cfg.model.dense,
+            "model.hidden_layers": cfg.model.hidden_layers, "model.dropout": cfg.model.dropout,
+            "model.pooling": cfg.model.pooling, "model.weights": str(cfg.model.weights),
+            "model.freeze_backbone": cfg.model.freeze_backbone, "optimizer.name": cfg.optimizer.name,
+            "optimizer.lr": cfg.optimizer.lr, "seed": cfg.seed, "data.name": cfg.data.name,
+            "data.image_size": cfg.data.image_size, "trainer.epochs": cfg.trainer.epochs,
+            "trainer.batch_size": cfg.trainer.batch_size}
+
+
+def _finite(value) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+class RunBoard:
+    """The TensorBoard writer of one run; does nothing when `enabled` is false (ranks > 0)."""
+
+    def __init__(self, output_dir, first_epoch: int, enabled: bool):
+        # purge_step: a resumed run drops the events of epochs it is about to redo
+        self.writer = SummaryWriter(str(output_dir), purge_step=first_epoch) if enabled else None
+
+    def epoch(self, row: dict) -> None:
+        """One history row: every metric at step = epoch, flushed so the dashboard is live."""
+        if self.writer is None:
+            return
+        for tag, value in row.items():
+            if tag != "epoch" and _finite(value):
+                self.writer.add_scalar(tag, value, row["epoch"])
+        self.writer.flush()
+
+    def test(self, metrics: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for tag, value in metrics.items():
+            if tag.startswith("test/") and _finite(value):
+                self.writer.add_scalar(tag, value, step)
+
+    def hparams(self, values: dict, metrics: dict) -> None:
+        """The run's HParams session (its hyperparameters and final metrics) in its own event
+        file; the experiment (which columns, in which order) is the sweep's, see write_experiment."""
+        if self.writer is None:
+            return
+        shown = {k: metrics[k] for k in DECIDING_METRICS if _finite(metrics.get(k))}
+        _, session_start, session_end = hparams(values, shown)
+        for summary in (session_start, session_end):
+            self.writer.file_writer.add_summary(summary)
+
+    def input_grid(self, images: torch.Tensor, classes: list[str], labels: torch.Tensor) -> None:
+        """The preprocessed training images as the network receives them, once per run."""
+        if self.writer is None:
+            return
+        inputs = preprocess(images, channels_last=False)
+        self.writer.add_image("inputs/train", make_grid(denormalise(inputs).cpu(), nrow=8), 0)
+        self.writer.add_text("inputs/train_labels", ", ".join(classes[i] for i in labels.tolist()), 0)
+
+    def test_figures(self, labels: np.ndarray, probs: np.ndarray, confusion: list,
+                     classes: list[str], positive: int, step: int) -> None:
+        if self.writer is None:
+            return
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ConfusionMatrixDisplay(np.array(confusion), display_labels=classes).plot(ax=ax, colorbar=False)
+        ax.set_title("test confusion matrix")
+        self.writer.add_figure("test/confusion_matrix", fig, step)  # add_figure closes the figure
+        if probs.shape[1] == 2 and len(np.unique(labels)) == 2:
+            fig, ax = plt.subplots(figsize=(4, 4))
+            RocCurveDisplay.from_predictions(labels == positive, probs[:, positive], ax=ax,
+                                             name=classes[positive])
+            ax.set_title("test ROC")
+            self.writer.add_figure("test/roc", fig, step)
+
+    def gradcam(self, model, images: torch.Tensor, labels: np.ndarray, probs: np.ndarray,
+                classes: list[str], positive: int, step: int, per_class: int = 4) -> None:
+        """Grad-CAM of the positive class on the first few test images of each class, one row each.
+
+        `images` are the split's uint8 squares (N, 1, S, S) as cached, so the overlays are at the
+        network's input size; `python -m cxr.predict ... gradcam=DIR` writes them at full size.
+        """
+        if self.writer is None:
+            return
+        picks = [np.flatnonzero(labels == c)[:per_class] for c in range(len(classes))]
+        cells = [(row, col, i) for row, indices in enumerate(picks) for col, i in enumerate(indices)]
+        cams, _ = grad_cam(model, preprocess(images[[i for _, _, i in cells]], channels_last=False), positive)
+        fig, axes = plt.subplots(len(classes), per_class, squeeze=False,
+                                 figsize=(2.2 * per_class, 2.4 * len(classes)))
+        for ax in axes.flat:
+            ax.axis("off")
+        for (row, col, i), cam in zip(cells, cams, strict=True):
+            axes[row, col].imshow(overlay(images[i, 0].cpu().numpy(), cam))
+            axes[row, col].set_title(f"{classes[labels[i]]}  P({classes[positive]})={probs[i, positive]:.2f}",
+                                     fontsize=7)
+        fig.tight_layout()
+        self.writer.add_figure("test/gradcam", fig, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_experiment(folder, runs_hparams: list[dict], metrics: list[str]) -> None:
+    """One HParams experiment for a sweep's folder: every hyperparameter of its runs, those that
+    differ between runs marked so (TensorBoard lists and checks them first), and the metrics in
+    the order given (the deciding ones first). Without it TensorBoard builds the experiment from
+    the runs and the table opens on the alphabetically first hyperparameters, constant ones too."""
+    names = list(dict.fromkeys(k for run in runs_hparams for k in run))
+    differs = {k for k in names if len({repr(run.get(k)) for run in runs_hparams}) > 1}
+    example = {k: next(run[k] for run in runs_hparams if k in run) for k in names}
+    experiment_summary, _, _ = hparams(example, dict.fromkeys(metrics, 0.0))
+    value = experiment_summary.value[0]
+    content = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in content.experiment.hparam_infos:
+        info.differs = info.name in differs
+    value.metadata.plugin_data.content = content.SerializeToString()
+    for previous in Path(folder).glob("events.out.tfevents.*"):  # a rebuilt report replaces it
+        previous.unlink()
+    with SummaryWriter(str(folder)) as writer:
+        writer.file_writer.add_summary(experiment_summary)

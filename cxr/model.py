@@ -90,8 +90,8 @@ def backbone_state_dict(weights: str | None) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, pickled code
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise WeightsError(f"cannot read model.weights {path} ({type(error).__name__}: "
-                           f"{first_line[:120]})") from None
+        raise WeightsError(f"model.weights {path} is not a readable state-dict file ({type(error).__name__}: "
+                           f"{first_line[:80]})") from None
     if not isinstance(state, dict):
         raise WeightsError(f"model.weights {path} holds a {type(state).__name__}, not a state dict")
     # our own checkpoints keep the backbone under model/backbone.*

@@ -16,7 +16,6 @@ DIR/<path below inputs>.png.
 Arguments are key=value pairs, as for `python -m cxr.train`; a misspelt key is refused.
 """
 
-import csv
 import logging
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cxr import results
 from cxr.batches import eval_batches, preprocess
 from cxr.checkpoint import CheckpointError, load_classifier
 from cxr.data import decode_split, is_visible, positive_index
@@ -79,7 +79,6 @@ def classify(model: Classifier, settings: dict, files: list[Path], device: torch
     """
     classes, threshold = settings["classes"], settings["threshold"]
     positive = positive_index(classes)
-    columns = prob_columns(classes)
     rows = {}
     for start in range(0, len(files), DECODE_CHUNK):
         # decode_split, as in training, with -1 for the labels that predict does not have
@@ -100,26 +99,11 @@ def classify(model: Classifier, settings: dict, files: list[Path], device: torch
             labels = decide(probs, threshold, positive)
             for p, label, cam in zip(probs, labels, cams, strict=True):
                 path = next(paths)
-                probabilities = dict(zip(columns, (f"{v:.6f}" for v in p), strict=True))
-                rows[path] = {"path": path, **probabilities, "label": classes[label],
-                              "status": "ok"}
+                rows[path] = results.prediction_row(path, p, classes[label], classes)
                 if cam is not None:
                     overlays[path].parent.mkdir(parents=True, exist_ok=True)
                     save_overlay(path, cam, overlays[path])
     return [rows[str(path)] for path in files]
-
-
-def prob_columns(classes: list[str]) -> list[str]:
-    return [f"prob_{name}" for name in classes]
-
-
-def write_csv(rows: list[dict], classes: list[str], output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["path", *prob_columns(classes), "label", "status"]
-    with open(output, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def parse_args(argv: list[str]) -> PredictConfig:
@@ -160,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         overlays = {str(p): Path(cfg.gradcam) / p.relative_to(root).with_suffix(".png")
                     for p in files}
     rows = classify(model, settings, files, device, cfg.batch_size, overlays)
-    write_csv(rows, settings["classes"], Path(cfg.output))
+    results.write_predictions(rows, settings["classes"], cfg.output)
     unreadable = [row["path"] for row in rows if row["status"] != "ok"]
     if unreadable:
         log.warning("%d unreadable file(s), listed with status unreadable: %s", len(unreadable),

@@ -1,6 +1,6 @@
-"""result.json: the one record of a run that other tools read (the aggregator, Optuna, users).
+"""result.json, the one record of a run that other tools read, and the predictions CSV files.
 
-This module is the only one that knows the file's name and layout: `train.py` builds records
+This module is the only one that knows result.json's name and layout: `train.py` builds records
 through it, `aggregate.py` reads them through it. A record's status is one of
 
     running       written when the run starts: a folder with it and no process is a killed run
@@ -9,8 +9,14 @@ through it, `aggregate.py` reads them through it. A record's status is one of
     interrupted   stopped by a signal; last.pt is kept and the run can be resumed
 
 The metric names are the same in result.json, TensorBoard and the report: `<split>/<metric>`.
+
+Per-image predictions share one CSV layout: `path, prob_<class>..., label[, truth], status`,
+written by cxr.predict (predictions.csv) and by each run for its test split
+(test_predictions.csv, with the true class, from the checkpoint and threshold chosen on
+validation).
 """
 
+import csv
 import json
 import math
 import os
@@ -19,6 +25,7 @@ from pathlib import Path
 from cxr.files import atomic_write
 
 RESULT_FILE = "result.json"
+PREDICTIONS_FILE = "test_predictions.csv"
 RUNNING, OK, FAILED, INTERRUPTED = "running", "ok", "failed", "interrupted"
 # the metrics of a split (cxr.metrics.scalar_metrics gives all but loss)
 METRICS = ("loss", "acc", "balanced_acc", "auroc", "sensitivity", "specificity", "precision", "f1")
@@ -93,6 +100,26 @@ def flat(record: dict) -> dict:
     for key, interval in (record.get("intervals") or {}).items():
         values[f"{key}_ci95"] = tuple(interval) if interval else None
     return values
+
+
+def prediction_row(path: str, probs, label: str, classes: list[str], truth: str | None = None) -> dict:
+    row = {"path": path, **{f"prob_{name}": f"{p:.6f}" for name, p in zip(classes, probs, strict=True)},
+           "label": label, "status": "ok"}
+    if truth is not None:
+        row["truth"] = truth
+    return row
+
+
+def write_predictions(rows: list[dict], classes: list[str], output: str | os.PathLike) -> None:
+    """The rows as CSV; a file that could not be read is a row with status `unreadable`."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    truth = ["truth"] if any("truth" in row for row in rows) else []
+    columns = ["path", *(f"prob_{name}" for name in classes), "label", *truth, "status"]
+    with open(output, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _json_safe(value):

@@ -29,7 +29,14 @@ from cxr.config import CONF_DIR, ConfigError, register_configs, validate
 from cxr.data import DataError, load_dataset, positive_index
 from cxr.engine import NonFiniteLossError, TrainingState, evaluate, train_one_epoch
 from cxr.features import TrainingView, training_view
-from cxr.metrics import bootstrap_intervals, choose_threshold, classification_metrics, collapse_warnings, majority_rate
+from cxr.metrics import (
+    bootstrap_intervals,
+    choose_threshold,
+    classification_metrics,
+    collapse_warnings,
+    decide,
+    majority_rate,
+)
 from cxr.model import WeightsError, build_model, build_optimizer
 from cxr.runtime import DeviceError, Runtime, StopSignals, device_name, start, sweep_job_device
 from cxr.tensorboard import RunBoard, hparams_of
@@ -86,6 +93,8 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
                                                                   runtime.rank, runtime.world),
                                         device=runtime.device, amp_dtype=runtime.amp_dtype)
     complete(record, state, threshold, test_loss, probs, labels, dataset.classes, cfg)
+    if runtime.is_main:  # per image, for analyses the summary metrics cannot answer
+        write_test_predictions(output_dir, dataset.test.paths, probs, labels, threshold, dataset.classes)
     record["time"] = {"train_ms": round(state.train_ms), "total_ms": round((time.perf_counter() - started) * 1000)}
     if runtime.is_main:
         report(record, board, model, splits[2], probs, labels, dataset.classes, cfg, output_dir)
@@ -172,6 +181,14 @@ def complete(record: dict, state: TrainingState, threshold: float, test_loss: fl
         intervals={f"test/{k}": v for k, v in bootstrap_intervals(
             labels, probs, threshold, positive, cfg.trainer.bootstrap, seed=0).items()},
         history=state.history, hparams=hparams_of(cfg))
+
+
+def write_test_predictions(output_dir: Path, paths: list[str], probs: np.ndarray, labels: np.ndarray,
+                           threshold: float, classes: list[str]) -> None:
+    decisions = decide(probs, threshold, positive_index(classes))
+    rows = [results.prediction_row(path, p, classes[d], classes, truth=classes[y])
+            for path, p, d, y in zip(paths, probs, decisions, labels, strict=True)]
+    results.write_predictions(rows, classes, output_dir / results.PREDICTIONS_FILE)
 
 
 def report(record: dict, board: RunBoard, model, test_split, probs: np.ndarray, labels: np.ndarray,

@@ -17,14 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from cxr.batches import eval_batches, preprocess
+from cxr.checkpoint import load_classifier
 from cxr.config import CONF_DIR
-from cxr.data import load_dataset
-from cxr.engine import evaluate
-from cxr.metrics import classification_metrics
-from cxr.model import build_model
+from cxr.predict import classify
 from cxr.runtime import sweep_job_device
 
 # the smoke run without what scaling out does not touch (bootstrap intervals, TensorBoard figures)
@@ -176,30 +172,31 @@ def test_submitit_requeue_resumes_from_last_checkpoint(tmp_path):
 # torchrun: one variant on two processes
 
 
-def test_torchrun_writes_one_result_that_a_single_process_reproduces(tmp_path):
+def test_defect5_torchrun_predicts_each_image_once_and_keeps_every_ranks_rng(tmp_path):
+    """2 processes on 63 test images (not divisible by 2: a padding sampler would count one image
+    twice): rank 0's per-image test predictions equal one process's on the same files, through
+    cxr.predict's own decoding; last.pt holds each rank's RNG state for an exact resume."""
     run_dir = tmp_path / "run"
     # --standalone: a free port of its own, so that concurrent test runs do not collide
     run_command(sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2", "-m", "cxr.train", "debug=smoke", "trainer.device=cpu",
-                f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                "data.limit=63", "trainer.keep_last=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert list(tmp_path.rglob("result.json")) == [run_dir / "result.json"]
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["status"] == "ok" and result["world_size"] == 2
+    assert result["status"] == "ok" and result["world_size"] == 2 and result["data"]["test"] == 63
+    assert len(torch.load(run_dir / "last.pt", weights_only=True)["rng"]) == 2
 
-    # the same best.pt, evaluated by one process on the same test split
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    dataset = load_dataset(cfg.data)
-    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
-    model = build_model(cfg.model, cfg.data.image_size, len(dataset.classes))
-    model.load_state_dict(best["model"])  # the unwrapped model: no DDP "module." prefix
-    batches = ((preprocess(x, cfg.trainer.channels_last), y)
-               for x, y in eval_batches(dataset.test, cfg.trainer.eval_batch_size))
-    _, probs, labels = evaluate(model, batches, device=torch.device("cpu"))
-    metrics = classification_metrics(labels, probs, best["threshold"], dataset.positive_index)
-
-    assert len(labels) == result["data"]["test"]  # every test image counted once
-    assert metrics["acc"] == result["metrics"]["test/acc"]
-    assert metrics["auroc"] == pytest.approx(result["metrics"]["test/auroc"], abs=1e-6)
+    with (run_dir / "test_predictions.csv").open() as f:
+        distributed = list(csv.DictReader(f))
+    model, settings = load_classifier(run_dir / "best.pt", torch.device("cpu"))
+    single = classify(model, settings, [Path(row["path"]) for row in distributed], torch.device("cpu"))
+    assert [row["path"] for row in distributed] == [row["path"] for row in single]
+    assert len({row["path"] for row in distributed}) == 63
+    for ours, theirs in zip(distributed, single, strict=True):
+        assert float(ours["prob_PNEUMONIA"]) == pytest.approx(float(theirs["prob_PNEUMONIA"]), abs=1e-5)
+        assert ours["label"] == theirs["label"]
+    correct = sum(row["label"] == row["truth"] for row in distributed)
+    assert result["metrics"]["test/acc"] == pytest.approx(correct / 63)
 
 
 # ---------------------------------------------------------------------------------------------

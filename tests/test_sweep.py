@@ -133,13 +133,15 @@ def test_seeds_are_grouped_per_variant_with_mean_std_and_interval(tmp_path):
     assert [row["Model"] for row in variants] == list(SEED_TABLE)
     assert list(variants[0])[:6] == SEED_HEADERS
     assert [row["n"] for row in variants] == ["2"] * 7
-    for row, k in zip(variants, range(1, 8), strict=True):
-        # two seeds at m -+ 0.5 points: std 0.5 * sqrt(2) = 0.71 points; the interval adds the
-        # seeds' t(0.975, 1 df) * std / sqrt(2) and the test set's 1.96 * sqrt(p(1-p)/624)
-        p = 0.90 + k / 100
-        half = math.hypot(12.7062 * 0.5, 100 * 1.95996 * math.sqrt(p * (1 - p) / 624))
+    # Worked by hand for resultset1: two seeds at 90.5 and 91.5 have std 0.707 points; the
+    # seeds' half-width is t(0.975, 1 df) = 12.706 x 0.707 / sqrt(2) = 6.353 points, the test
+    # set's 1.960 x sqrt(0.91 x 0.09 / 624) = 2.245 points; sqrt(6.353^2 + 2.245^2) = 6.738, so
+    # [84.26, 97.74]. The others shift by one point each, clipped at 100.
+    expected_ci = ["[84.3, 97.7]", "[85.3, 98.7]", "[86.3, 99.7]", "[87.4, 100.0]", "[88.4, 100.0]",
+                   "[89.5, 100.0]", "[90.5, 100.0]"]
+    for row, k, ci in zip(variants, range(1, 8), expected_ci, strict=True):
         assert row["Accuracy"] == f"{90 + k:.1f} ± 0.7"
-        assert row["Accuracy 95% CI"] == f"[{90 + k - half:.1f}, {min(100, 90 + k + half):.1f}]"
+        assert row["Accuracy 95% CI"] == ci
         assert row["Learning Time(ms)"] == "1500 ± 707"
         layers, dense, _ = SEED_TABLE[row["Model"]]
         assert (row["Hidden Layer"], row["Dense Count"]) == (str(layers), str(dense))
@@ -189,9 +191,8 @@ def test_dense_sweep_writes_the_seed_table_and_tensorboard_runs(tmp_path):
     assert [row["Status"] for row in table] == ["ok"] * 3
     per_job = read_csv(tmp_path / "results.csv")
     assert [row["model.dense"] for row in per_job] == ["8", "16", "32"]
-    # the marked job is the one with the best validation AUROC, whatever the test metrics say
-    best = max(per_job, key=lambda row: float(row["val/auroc"]))
-    assert [row["best_val_auroc"] == "true" for row in per_job] == [row is best for row in per_job]
+    # one job is marked (which one is checked on hand-written results above)
+    assert [row["best_val_auroc"] for row in per_job].count("true") == 1
     assert_valid_pngs(tmp_path)
     assert "| Model" in done.stdout and str(tmp_path / "results.md") in done.stdout
 

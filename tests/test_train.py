@@ -93,7 +93,7 @@ def test_missing_root_is_one_line_and_non_zero(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "/nonexistent" in line]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and "Traceback" not in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
 
 

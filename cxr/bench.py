@@ -218,10 +218,13 @@ def head_variants() -> list[str]:
 
 
 def kaggle_layout(items, folder: Path) -> Path:
-    """folder/{train,test}/<class>/ of links to `items` (every seventh image to test)."""
-    for k, (path, _) in enumerate(items):
-        split = "test" if k % 7 == 6 else "train"
-        link = folder / split / Path(path).parent.name / Path(path).name
+    """folder/{train,test}/<class>/ of links to `items` (of each class, every seventh to test)."""
+    seen: dict[str, int] = {}
+    for path, _ in items:
+        label = Path(path).parent.name
+        seen[label] = seen.get(label, -1) + 1
+        split = "test" if seen[label] % 7 == 0 else "train"
+        link = folder / split / label / Path(path).name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.realpath(path))
     return folder

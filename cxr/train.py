@@ -110,9 +110,6 @@ def resume_or_start(checkpoints: Checkpoints, cfg) -> TrainingState:
         return TrainingState()
     if checkpoints.last_path.exists():
         return checkpoints.resume()
-    if checkpoints.best_path.exists():
-        raise CheckpointError(f"{checkpoints.last_path.parent} holds a finished run without {LAST}: only a "
-                              "run made with trainer.keep_last=true can be extended by more epochs")
     log.warning("trainer.resume=true but there is no %s: starting from epoch 1 (to continue a "
                 "run, pass its folder as hydra.run.dir)", checkpoints.last_path)
     return TrainingState()
@@ -228,10 +225,13 @@ def run_safely(cfg, output_dir: Path, overrides: list[str]) -> dict:
     previous = results.read(output_dir)
     if not cfg.trainer.resume and (problem := used_run_dir(output_dir)):
         raise RunDirError(problem)
-    if cfg.trainer.resume and previous and previous.get("status") == results.OK \
-            and cfg.trainer.epochs <= previous.get("epochs", 0):
-        log.info("already finished: %s (status ok), skipping", output_dir / results.RESULT_FILE)
-        return previous
+    if cfg.trainer.resume and previous and previous.get("status") == results.OK:
+        if cfg.trainer.epochs <= previous.get("epochs", 0):
+            log.info("already finished: %s (status ok), skipping", output_dir / results.RESULT_FILE)
+            return previous
+        if not (output_dir / LAST).exists():
+            raise RunDirError(f"{output_dir} holds a finished run without {LAST}: only a run made with "
+                              "trainer.keep_last=true can be extended by more epochs")
     try:
         return run(cfg, output_dir, overrides)
     except (*USER_ERRORS, Interrupted) as error:
@@ -282,8 +282,10 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = run_safely(job_config(cfg, hydra_cfg), Path(hydra_cfg.runtime.output_dir),
                             list(hydra_cfg.overrides.task))
-    except RunDirError as error:
+    except RunDirError as error:  # nothing was written: the folder's run stays as it was
         log.error("%s", error)
+        if multirun:  # the other jobs go on; the report shows this job's files as they are
+            return None
         sys.exit(1)
     if result["status"] == results.INTERRUPTED or (result["status"] != results.OK and not multirun):
         # one line already logged; finished files stay on disk. A signal stops a sweep too: its

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cxr.checkpoint import CheckpointError, load_checkpoint
-from cxr.train import run
+from cxr.train import RunDirError, run, run_safely
 from tests.conftest import REPO
 
 # A few seconds per epoch on a CPU, four steps per epoch, bit-for-bit repeatable.
@@ -173,3 +173,48 @@ def test_sweep_rerun_skips_finished_reruns_failed_and_resumes_interrupted_jobs(t
         rows = list(csv.DictReader(f))
     assert sorted((float(row["optimizer.lr"]), row["status"]) for row in rows) == [
         (1e-4, "ok"), (2e-4, "ok"), (1e10, "failed")]
+
+
+def tree_bytes(folder) -> dict:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_fresh_run_into_a_used_run_dir_is_refused_and_changes_nothing(tmp_path):
+    args = ("debug=smoke", "trainer.epochs=1", "trainer.bootstrap=0", "trainer.tensorboard_images=false",
+            f"hydra.run.dir={tmp_path}")
+    first = subprocess.run([sys.executable, "-m", "cxr.train", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = tree_bytes(tmp_path)
+    assert "best.pt" in before and "result.json" in before and ".hydra/config.yaml" in before
+
+    second = subprocess.run([sys.executable, "-m", "cxr.train", *args, "model.dense=16"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    output = second.stdout + second.stderr
+    assert second.returncode != 0 and "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "already holds a run" in line]
+    assert str(tmp_path) in line and "trainer.resume=true" in line
+    assert tree_bytes(tmp_path) == before
+
+
+def test_keep_last_makes_a_finished_run_extendable_by_more_epochs(make_cfg, tmp_path):
+    quick = ("debug=smoke", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    first = run(make_cfg(*quick, "trainer.keep_last=true"), tmp_path)  # 2 epochs
+    assert first["epochs"] == 2 and (tmp_path / "last.pt").exists()
+
+    extended = run_safely(make_cfg(*quick, "trainer.keep_last=true", "trainer.resume=true",
+                                   "trainer.epochs=4"), tmp_path, [])
+    assert extended["status"] == "ok" and extended["epochs"] == 4
+    assert [row["epoch"] for row in extended["history"]] == [1, 2, 3, 4]
+    assert extended["history"][:2] == first["history"]
+    assert read_result(tmp_path)["epochs"] == 4
+
+
+def test_a_finished_run_without_last_pt_cannot_be_extended_and_stays_as_it_was(make_cfg, tmp_path):
+    quick = ("debug=smoke", "trainer.epochs=1", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    run(make_cfg(*quick), tmp_path)
+    assert not (tmp_path / "last.pt").exists()  # removed once the run ended ok
+    before = tree_bytes(tmp_path)
+    with pytest.raises(RunDirError, match="only a run made with trainer.keep_last=true can be extended"):
+        run_safely(make_cfg(*quick, "trainer.resume=true", "trainer.epochs=3"), tmp_path, [])
+    assert tree_bytes(tmp_path) == before

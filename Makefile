@@ -19,11 +19,14 @@ train: install  ## one run: make train ARGS="model.dense=16"
 sweep: install  ## the seed's seven variants: make sweep ARGS="data=chest_xray data.root=..."
 	$(PY) -m cxr.train -m 'experiment=glob(resultset*)' $(ARGS)
 
-test: install  ## the fast suite (CI): under 5 minutes on 2 cores
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+# one worker per core (pytest-xdist); a test file stays on one worker, so its fixtures run once
+XDIST ?= -n auto --dist loadfile
 
-test-all: install  ## everything, the slow end-to-end checks too
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: install  ## the fast suite: under 4 minutes on 2 cores
+	$(PY) -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+test-all: install  ## everything, the slow end-to-end checks too (CI runs this)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m cxr.bench $(ARGS)

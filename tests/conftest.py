@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from cxr.config import CONF_DIR, register_configs
@@ -12,10 +13,24 @@ register_configs()  # the schema and resolvers, as the entry points register the
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Under pytest-xdist (`make test` runs two workers, one per core) each worker process trains on one
+# CPU thread, and so do the commands it starts: two processes of two threads each on two cores
+# mostly wait for each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory):
-    """One cache for the session: the embedded dataset is generated and decoded once."""
-    path = os.environ.get("CXR_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+    """One cache for the session: the embedded dataset is generated and decoded once.
+
+    xdist's workers share it (a lock lets the first build what the others then read).
+    """
+    path = os.environ.get("CXR_CACHE_DIR")
+    if not path and os.environ.get("PYTEST_XDIST_WORKER"):
+        path = str(tmp_path_factory.getbasetemp().parent / "cxr-cache")
+    path = path or str(tmp_path_factory.mktemp("cache"))
     os.environ["CXR_CACHE_DIR"] = path
     return Path(path)
 

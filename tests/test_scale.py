@@ -93,13 +93,20 @@ def test_launcher_presets_compose():
     assert per_gpu.hydra.launcher.n_jobs == max(1, torch.cuda.device_count())
 
 
-def test_joblib_sweep_runs_jobs_side_by_side_into_one_sweep_dir(tmp_path):
+def test_defect3_joblib_sweep_on_an_empty_cache_loses_no_job(tmp_path):
+    """Two jobs side by side on an empty cache: both need the embedded dataset generated (a small
+    spec here, so that it takes seconds) and decoded; neither may see the other's files vanish."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    cxr_train("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE, "seed=0,1",
-              cwd=tmp_path)
+    env = {**subprocess_env(), "CXR_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "-m", "hydra/launcher=joblib",
+                           "hydra.launcher.n_jobs=2", *SMOKE, "data.synthetic.train=160",
+                           "data.synthetic.test=48", "seed=0,1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the default sweep dir: every job, in its own process, resolved the same µs timestamp
     (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
     assert_two_ok_jobs(sweep_dir)
+    assert [r["data"]["skipped_files"] for r in job_results(sweep_dir)] == [0, 0]
 
 
 @pytest.mark.slow

@@ -218,3 +218,30 @@ def test_a_finished_run_without_last_pt_cannot_be_extended_and_stays_as_it_was(m
     with pytest.raises(RunDirError, match="only a run made with trainer.keep_last=true can be extended"):
         run_safely(make_cfg(*quick, "trainer.resume=true", "trainer.epochs=3"), tmp_path, [])
     assert tree_bytes(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_resume_restores_the_grad_scaler(make_cfg, tmp_path):
+    """fp16 autocast (here on the CPU) trains with a GradScaler whose state (the loss scale, the
+    steps since the last overflow) must carry over: a run resumed after epoch 1 ends with the
+    scaler state and history of an uninterrupted one. Restarted at the initial scale of 2^16,
+    epoch 2 would skip steps on overflow again and end elsewhere."""
+    fp16 = ("debug=smoke", "trainer.amp=fp16", "trainer.keep_last=true", "trainer.bootstrap=0",
+            "trainer.tensorboard_images=false", "trainer.deterministic=true")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run(make_cfg(*fp16, "trainer.epochs=2"), whole)
+    run(make_cfg(*fp16, "trainer.epochs=1"), resumed)
+    after_one = load_checkpoint(resumed / "last.pt")["scaler"]
+    assert after_one is not None and after_one["scale"] < 2.0 ** 16  # it has backed off already
+    run(make_cfg(*fp16, "trainer.epochs=2", "trainer.resume=true"), resumed)
+    assert load_checkpoint(resumed / "last.pt")["scaler"] == load_checkpoint(whole / "last.pt")["scaler"]
+    assert read_result(resumed)["history"] == read_result(whole)["history"]
+
+
+def test_official_val_split_uses_the_val_folder(make_cfg, tmp_path, embedded_root):
+    cfg = make_cfg("debug=smoke", "data.val_split=official", "data.limit=null", "trainer.epochs=1",
+                   "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    result = run(cfg, tmp_path)
+    official_val = sum(1 for _ in (embedded_root / "val").rglob("*.jpeg"))
+    official_train = sum(1 for _ in (embedded_root / "train").rglob("*.jpeg"))
+    assert (result["data"]["val"], result["data"]["train"]) == (official_val, official_train)

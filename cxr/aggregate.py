@@ -67,6 +67,8 @@ COLUMNS = SEED_COLUMNS + (
     Column("Majority Rate", "majority_rate", "percent"),
     # mean of sensitivity and specificity: what accuracy hides on an imbalanced test split
     Column("Balanced Accuracy", "test/balanced_acc", "percent", "max"),
+    # at the reference's fixed threshold (Accuracy uses the one chosen on validation)
+    Column("Accuracy at 0.5", "test/acc_at_0.5", "percent", "max"),
     Column("Val Accuracy", "val/acc", "percent", "max"),
     Column("Val AUROC", "val/auroc", "auroc", "max"),
     Column("Test AUROC", "test/auroc", "auroc", "max"),

@@ -60,6 +60,12 @@ def split_metrics(split: str, loss: float, metrics: dict) -> dict:
     return {f"{split}/loss": loss, **{f"{split}/{name}": metrics[name] for name in METRICS if name in metrics}}
 
 
+def at_reference_threshold(metrics: dict) -> dict:
+    """Test accuracy and balanced accuracy at the reference's fixed 0.5 threshold, reported beside
+    those at the threshold chosen on validation, so that its table can still be compared."""
+    return {"test/acc_at_0.5": metrics["acc"], "test/balanced_acc_at_0.5": metrics["balanced_acc"]}
+
+
 def epoch_row(epoch: int, train: dict, val_loss: float, val_metrics: dict) -> dict:
     """One row of the history: the epoch's training loss/accuracy and its validation metrics."""
     return {"epoch": epoch, "train/loss": train["loss"], "train/acc": train["acc"],

@@ -36,6 +36,7 @@ from cxr.metrics import (
     collapse_warnings,
     decide,
     majority_rate,
+    scalar_metrics,
 )
 from cxr.model import WeightsError, build_model, build_optimizer
 from cxr.runtime import DeviceError, Runtime, StopSignals, device_name, start, sweep_job_device
@@ -173,7 +174,8 @@ def complete(record: dict, state: TrainingState, threshold: float, test_loss: fl
     record.update(
         status=results.OK, best_epoch=state.best_epoch, threshold=threshold,
         metrics={**{k: v for k, v in best_row.items() if k != "epoch"},
-                 **results.split_metrics("test", test_loss, test_metrics)},
+                 **results.split_metrics("test", test_loss, test_metrics),
+                 **results.at_reference_threshold(scalar_metrics(labels, probs, 0.5, positive))},
         confusion=test_metrics["confusion"], majority_rate=majority_rate(labels), warnings=warnings,
         intervals={f"test/{k}": v for k, v in bootstrap_intervals(
             labels, probs, threshold, positive, cfg.trainer.bootstrap, seed=0).items()},

@@ -15,9 +15,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
-from cxr import aggregate
-from cxr.data import list_files, patient_id, resolve_root, split_by_patient
+from cxr import aggregate, features
+from cxr.data import list_files, load_dataset, patient_id, resolve_root, split_by_patient
 from cxr.metrics import bootstrap_intervals
+from cxr.model import build_model, weights_digest
 from cxr.train import run, run_safely
 from tests.conftest import REPO
 
@@ -145,17 +146,20 @@ def test_defect8_a_collapsed_run_is_flagged_in_result_log_and_report(make_cfg, t
 
 
 def test_defect8_frozen_features_reach_the_head_standardised(make_cfg, tmp_path):
-    result = run(make_cfg("debug=smoke", "model.freeze_backbone=true", "trainer.bootstrap=0",
-                          "trainer.tensorboard_images=false", f"data.cache_dir={tmp_path / 'cache'}",
-                          f"data.root={make_cfg('debug=smoke').data.root}"), tmp_path / "run")
+    """The head's input is (features - mean) / std with the training split's statistics,
+    computed here with NumPy from the cached training features."""
+    cfg = make_cfg("debug=smoke", "model.freeze_backbone=true", "trainer.bootstrap=0",
+                   "trainer.tensorboard_images=false", f"data.cache_dir={tmp_path / 'cache'}",
+                   f"data.root={make_cfg('debug=smoke').data.root}")
+    assert run(cfg, tmp_path / "run")["status"] == "ok"
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
-    features = np.load(next((tmp_path / "cache" / "features").glob("*.npy"))).astype(np.float64)
-    # the statistics of one of the cached splits' features: the training split is the largest
-    train = max((np.load(p).astype(np.float64) for p in (tmp_path / "cache" / "features").glob("*.npy")),
-                key=len)
-    assert features.ndim == 2 and result["status"] == "ok"
-    np.testing.assert_allclose(best["feature_norm.mean"].numpy(), train.mean(0), rtol=1e-3, atol=1e-4)
-    std = train.std(0, ddof=1)
+    train = load_dataset(cfg.data).train
+    backbone = build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed).backbone
+    key = features.feature_key(train, cfg.data.image_size, weights_digest(backbone), cfg.model.pooling, None)
+    cached = np.load(tmp_path / "cache" / "features" / f"{key}.npy").astype(np.float64)
+    assert cached.shape[0] == len(train)
+    np.testing.assert_allclose(best["feature_norm.mean"].numpy(), cached.mean(0), rtol=1e-3, atol=1e-4)
+    std = cached.std(0, ddof=1)
     np.testing.assert_allclose(best["feature_norm.std"].numpy(), np.where(std > 1e-6, std, 1.0),
                                rtol=1e-3, atol=1e-4)
 

@@ -111,6 +111,8 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # the random seed (the Keras experiment cxr reproduces is "the reference")
+    # sweep jobs that share one GPU at a time (hydra/launcher=per_gpu, Ray's fractional num_gpus)
+    jobs_per_gpu: int = 1
     variant: str = "custom"
     description: str = ""
 
@@ -131,11 +133,11 @@ def rank_dir(path: str) -> str:
     return path if rank == 0 else os.path.join(tempfile.gettempdir(), f"cxr-rank{rank}-{os.getpid()}")
 
 
-def gpu_count() -> int:
-    """The GPUs this machine shows, at least 1: n_jobs of conf/hydra/launcher/per_gpu.yaml."""
+def gpu_jobs(jobs_per_gpu: int) -> int:
+    """Jobs side by side on this machine: n_jobs of conf/hydra/launcher/per_gpu.yaml."""
     import torch  # here, not at the top: composing a config does not need torch otherwise
 
-    return max(1, torch.cuda.device_count())
+    return max(1, torch.cuda.device_count()) * int(jobs_per_gpu)
 
 
 def register_configs() -> None:
@@ -145,7 +147,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("cxr_slug", slug, replace=True)
     OmegaConf.register_new_resolver("cxr_rank_dir", rank_dir, replace=True)
-    OmegaConf.register_new_resolver("cxr_gpu_count", gpu_count, replace=True)
+    OmegaConf.register_new_resolver("cxr_gpu_jobs", gpu_jobs, replace=True)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -168,6 +170,7 @@ def validate(cfg: Any) -> None:
     _check(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
     _check(t.epochs >= 1, f"trainer.epochs must be >= 1, got {t.epochs}")
+    _check(cfg.jobs_per_gpu >= 1, f"jobs_per_gpu must be >= 1, got {cfg.jobs_per_gpu}")
     _check(t.batch_size >= 1, f"trainer.batch_size must be >= 1, got {t.batch_size}")
     _check(t.eval_batch_size >= 1, f"trainer.eval_batch_size must be >= 1, got {t.eval_batch_size}")
     _check(

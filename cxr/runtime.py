@@ -168,7 +168,7 @@ class Runtime:
         return torch.compile(module) if compile_model else module
 
 
-def start(trainer_cfg, seed: int) -> Runtime:
+def start(trainer_cfg, seed: int, jobs_per_gpu: int = 1) -> Runtime:
     """Join torchrun's group if there is one, pick the device, seed every generator."""
     rank, world = init_distributed(trainer_cfg.device)
     device = pick_device(trainer_cfg.device)
@@ -176,6 +176,10 @@ def start(trainer_cfg, seed: int) -> Runtime:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.index is not None:  # cuda:N: autocast, the bf16 check and cuDNN follow it, not GPU 0
         torch.cuda.set_device(device)
+    if device.type == "cuda" and jobs_per_gpu > 1:
+        # packed sweep jobs: an equal share of the GPU's memory each (cuDNN's autotuner then also
+        # picks kernels whose workspace fits the share), so that no job starves the others
+        torch.cuda.set_per_process_memory_fraction(0.95 / jobs_per_gpu, device)
     seed_everything(seed, trainer_cfg.deterministic)
     return Runtime(device, rank, world, *amp_setup(trainer_cfg.amp, device))
 

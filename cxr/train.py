@@ -66,7 +66,7 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     """
     started = time.perf_counter()
     validate(cfg)
-    runtime = start(cfg.trainer, cfg.seed)
+    runtime = start(cfg.trainer, cfg.seed, cfg.jobs_per_gpu)
     output_dir = Path(runtime.shared(str(output_dir)))  # rank 0's Hydra dir is the real one
     record = results.new_record(cfg, overrides)
     record.update(device=device_name(runtime.device), world_size=runtime.world)
@@ -270,7 +270,7 @@ def job_config(cfg: DictConfig, hydra_cfg) -> DictConfig:
         return cfg
     device = cfg.trainer.device
     if "LOCAL_RANK" not in os.environ:  # (under torchrun, LOCAL_RANK picks the GPU)
-        device = sweep_job_device(device, hydra_cfg.job.num, torch.cuda.device_count())
+        device = sweep_job_device(device, hydra_cfg.job.num, torch.cuda.device_count(), cfg.jobs_per_gpu)
     return OmegaConf.merge(cfg, {"trainer": {"resume": True, "device": device}})
 
 

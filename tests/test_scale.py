@@ -93,13 +93,14 @@ def test_launcher_presets_compose():
     assert per_gpu.hydra.launcher.n_jobs == max(1, torch.cuda.device_count())
 
 
-def test_defect3_joblib_sweep_on_an_empty_cache_loses_no_job(tmp_path):
-    """Two jobs side by side on an empty cache: both need the embedded dataset generated (a small
-    spec here, so that it takes seconds) and decoded; neither may see the other's files vanish."""
+def test_defect3_packed_sweep_on_an_empty_cache_loses_no_job(tmp_path):
+    """Two jobs side by side (the per_gpu preset packing 2 jobs per device, here the CPU) on an
+    empty cache: both need the embedded dataset generated (a small spec, so that it takes
+    seconds) and decoded; neither may see the other's files vanish (defect 3 of the review)."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     env = {**subprocess_env(), "CXR_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "cxr.train", "-m", "hydra/launcher=joblib",
-                           "hydra.launcher.n_jobs=2", *SMOKE, "data.synthetic.train=160",
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "-m", "hydra/launcher=per_gpu",
+                           "jobs_per_gpu=2", "trainer.device=cpu", *SMOKE, "data.synthetic.train=160",
                            "data.synthetic.test=48", "seed=0,1"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -107,6 +108,24 @@ def test_defect3_joblib_sweep_on_an_empty_cache_loses_no_job(tmp_path):
     (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
     assert_two_ok_jobs(sweep_dir)
     assert [r["data"]["skipped_files"] for r in job_results(sweep_dir)] == [0, 0]
+
+
+@pytest.mark.parametrize("jobs_per_gpu", [1, 2, 3])
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_packing_puts_at_most_k_jobs_on_each_gpu(gpus, jobs_per_gpu):
+    """n_jobs = gpus x k jobs run at a time; whichever window of that many consecutive job
+    numbers is running, each GPU holds exactly k of them, and consecutive jobs share a GPU."""
+    window = gpus * jobs_per_gpu
+    for first in range(0, 3 * window):
+        devices = [sweep_job_device("auto", n, gpus, jobs_per_gpu) for n in range(first, first + window)]
+        assert sorted(devices) == sorted(f"cuda:{g}" for g in range(gpus) for _ in range(jobs_per_gpu))
+    assert [sweep_job_device("cuda", n, gpus, jobs_per_gpu) for n in range(jobs_per_gpu)] == ["cuda:0"] * jobs_per_gpu
+
+
+@pytest.mark.parametrize("jobs_per_gpu", [1, 2, 3])
+def test_packing_on_one_gpu_keeps_the_configured_device(jobs_per_gpu):
+    assert {sweep_job_device("auto", n, 1, jobs_per_gpu) for n in range(6)} == {"auto"}
+    assert sweep_job_device("cpu", 5, 4, jobs_per_gpu) == "cpu"
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train sweep test test-all bench tensorboard lint clean
+.PHONY: install install-ray train sweep test test-all bench tensorboard lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# the `ray` extra (Hydra's Ray launcher) on top: pip resolves it with the other extras at once
+install-ray: install  ## then: python -m cxr.train -m hydra/launcher=ray_local (or ray_cluster) ...
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,launchers,optuna,ray]'
 
 train: install  ## one run: make train ARGS="model.dense=16"
 	$(PY) -m cxr.train $(ARGS)

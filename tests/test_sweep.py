@@ -214,19 +214,6 @@ def test_a_failed_job_is_reported_and_the_sweep_exits_non_zero(tmp_path):
 
 
 @pytest.mark.slow
-def test_make_sweep_runs_the_seven_variants(tmp_path):
-    done = subprocess.run(["make", "sweep", f"ARGS=debug=smoke hydra.sweep.dir={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (table,) = read_tables(tmp_path / "results.md")
-    assert list(table[0])[:6] == SEED_HEADERS
-    assert {row["Model"]: (int(row["Hidden Layer"]), int(row["Dense Count"]),
-                           float(row["Learning Rate"])) for row in table} == SEED_TABLE
-    assert len(read_csv(tmp_path / "results.csv")) == 7
-    assert_valid_pngs(tmp_path)
-
-
-@pytest.mark.slow
 def test_seeds_crossed_with_variants_give_seven_rows_of_two(tmp_path):
     # 14 jobs: one epoch each and no TensorBoard figures keep it to a few seconds a job
     done = multirun(tmp_path, "experiment=glob(resultset*)", "seed=0,1", "trainer.epochs=1",

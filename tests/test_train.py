@@ -111,17 +111,6 @@ def test_invalid_value_fails_before_any_work(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_learns_the_embedded_dataset(tmp_path):
-    """`python -m cxr.train` with no arguments: AUROC >= 0.90 and above the majority rate."""
-    proc = subprocess.run([sys.executable, "-m", "cxr.train", "trainer.progress=false",
-                           f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["metrics"]["test/auroc"] >= 0.90
-    assert result["metrics"]["test/acc"] > result["majority_rate"]
-
-
-@pytest.mark.slow
 def test_real_images_from_scratch_at_64px(shared_data, make_cfg, tmp_path):
     cfg = make_cfg("data=chest_xray", f"data.root={shared_data / 'cxr-real'}", "model.weights=null",
                    "data.image_size=64", "trainer.epochs=4", "optimizer.lr=1e-4", "trainer.progress=false")

@@ -5,6 +5,8 @@ codes, stdout and stderr, result.json, the report, TensorBoard's own readers.
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
 from cxr import aggregate, features
 from cxr.data import list_files, load_dataset, patient_id, resolve_root, split_by_patient
+from cxr.files import atomic_write
 from cxr.metrics import bootstrap_intervals
 from cxr.model import build_model, weights_digest
 from cxr.train import run, run_safely
@@ -216,3 +219,40 @@ def test_nested_copy_and_macosx_are_never_read(tmp_path, embedded_root):
     assert root == outer
     files = list_files(root / "train", ["NORMAL", "PNEUMONIA"])
     assert len(files) == 6 and all(Path(p).parent.parent.parent == outer for p, _ in files)
+
+
+class SignalsOnFirstWrite:
+    """A file whose first write() sends this process `signum`, as SLURM's USR2 or a Ctrl-C
+    arriving while torch.save is halfway through a checkpoint."""
+
+    def __init__(self, file, signum):
+        self.file, self.signum, self.sent = file, signum, False
+
+    def write(self, data):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+
+def test_ci_a_signal_that_exits_mid_checkpoint_write_waits_for_a_whole_file(tmp_path):
+    """CI found it: submitit's USR2 handler calls sys.exit inside torch.save's write, torch turned
+    that into `RuntimeError: unexpected pos`, and the job was recorded as failed, not requeued.
+    The handler must run once the file is whole and in place, and its exit must stay an exit."""
+    target = tmp_path / "last.pt"
+    state = {"weights": torch.arange(300_000, dtype=torch.float32)}
+
+    def exit_now(signum, frame):
+        sys.exit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, exit_now)
+    try:
+        with pytest.raises(SystemExit):
+            atomic_write(target, lambda f: torch.save(state, SignalsOnFirstWrite(f, signal.SIGUSR2)))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert torch.equal(torch.load(target)["weights"], state["weights"])
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -48,6 +48,7 @@ class TrainingView:
     val: Split
     test: Split
     prepare: Callable[[torch.Tensor, bool], torch.Tensor]  # (batch, augment) -> module input
+    cpu_threads: int | None = None  # intra-op threads for training it on a CPU (None: torch's)
 
     def train_inputs(self, batch_size: int, epoch: int, seed: int, augment: bool, rank: int = 0,
                      world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -69,7 +70,10 @@ def training_view(model: Classifier, splits: Sequence[Split], cfg, device: torch
                             prepare=lambda x, augment: preprocess(x, channels_last, augment))
     features = cached_features(model.backbone, splits, cfg, device, amp_dtype)
     model.feature_norm.fit(features[0].images)
-    return TrainingView(model.top(), *features, prepare=lambda x, augment: x)
+    # A head's ops on a batch of 32 vectors are too small to gain from threads, and on a busy
+    # machine OpenMP threads waiting for each other made each step ~100x slower (measured on
+    # 2 cores beside other jobs: 5-35 batches/s on 2 threads, 1,300-1,900 on one).
+    return TrainingView(model.top(), *features, prepare=lambda x, augment: x, cpu_threads=1)
 
 
 def feature_key(split: Split, image_size: int, weights: str, pooling: str,

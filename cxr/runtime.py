@@ -10,6 +10,8 @@ import platform
 import random
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,6 +184,18 @@ def start(trainer_cfg, seed: int, jobs_per_gpu: int = 1) -> Runtime:
         torch.cuda.set_per_process_memory_fraction(0.95 / jobs_per_gpu, device)
     seed_everything(seed, trainer_cfg.deterministic)
     return Runtime(device, rank, world, *amp_setup(trainer_cfg.amp, device))
+
+
+@contextmanager
+def cpu_threads(count: int | None, device: torch.device) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `count` for the block when `device` is the CPU."""
+    previous = torch.get_num_threads()
+    if count is not None and device.type == "cpu":
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class StopSignals:

@@ -39,7 +39,7 @@ from cxr.metrics import (
     scalar_metrics,
 )
 from cxr.model import WeightsError, build_model, build_optimizer
-from cxr.runtime import DeviceError, Runtime, StopSignals, device_name, start, sweep_job_device
+from cxr.runtime import DeviceError, Runtime, StopSignals, cpu_threads, device_name, start, sweep_job_device
 from cxr.tensorboard import RunBoard, hparams_of
 
 log = logging.getLogger("cxr")
@@ -87,12 +87,12 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     if state.epoch == 0 and cfg.trainer.tensorboard_images:
         board.input_grid(splits[0].images[:32], dataset.classes, splits[0].labels[:32])
     trained = runtime.wrap(view.module, cfg.trainer.compile)
-    fit(trained, optimizer, view, checkpoints, state, board, cfg, runtime, dataset.positive_index)
-
-    threshold = checkpoints.load_best()
-    test_loss, probs, labels = evaluate(trained, view.eval_inputs(view.test, cfg.trainer.eval_batch_size,
-                                                                  runtime.rank, runtime.world),
-                                        device=runtime.device, amp_dtype=runtime.amp_dtype)
+    with cpu_threads(view.cpu_threads, runtime.device):
+        fit(trained, optimizer, view, checkpoints, state, board, cfg, runtime, dataset.positive_index)
+        threshold = checkpoints.load_best()
+        test_loss, probs, labels = evaluate(trained, view.eval_inputs(view.test, cfg.trainer.eval_batch_size,
+                                                                      runtime.rank, runtime.world),
+                                            device=runtime.device, amp_dtype=runtime.amp_dtype)
     complete(record, state, threshold, test_loss, probs, labels, dataset.classes, cfg)
     if runtime.is_main:  # per image, for analyses the summary metrics cannot answer
         write_test_predictions(output_dir, dataset.test.paths, probs, labels, threshold, dataset.classes)

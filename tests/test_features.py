@@ -116,3 +116,21 @@ def test_key_follows_weights_size_pooling_and_precision(tmp_path):
     assert len({key, *others}) == 5
     paths[0].write_bytes(b"changed")  # an edited file is other data
     assert features.feature_key(split, 32, seed0, "flatten", None) != key
+
+
+def test_the_head_trains_on_one_cpu_thread_and_the_process_keeps_its_own(frozen_cfg, tmp_path):
+    """The head's tiny ops on a busy machine ran ~100x slower on 2 OpenMP threads than on one:
+    a frozen run trains its head on one thread (last.pt records the count it trained with) and
+    gives the process its thread count back; a whole-model run keeps torch's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for frozen in (True, False):
+            cfg = frozen_cfg(f"model.freeze_backbone={frozen}", "trainer.epochs=1", "trainer.keep_last=true")
+            out = tmp_path / f"frozen-{frozen}"
+            assert run(cfg, out)["status"] == "ok"
+            trained_with = torch.load(out / "last.pt", weights_only=False)["num_threads"]
+            assert trained_with == (1 if frozen else 2)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -11,31 +11,66 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cxr.model import Classifier
+from cxr.model import FAMILIES, Classifier
+
+
+class GradCamUnavailable(Exception):
+    """The backbone has no convolutional feature map to explain (one line saying why)."""
+
+
+# a map coarser than this (at the run's image size) shows one blob over the whole chest: at 64 px
+# ResNet50's last stage is 2 x 2, its stage before 4 x 4
+MIN_SIDE = 4
+
+
+def check_grad_cam(model: Classifier) -> None:
+    """Raise GradCamUnavailable, saying why, when the backbone has no convolutional map."""
+    reason = FAMILIES[model.family].no_grad_cam
+    if reason:
+        raise GradCamUnavailable(f"Grad-CAM needs a convolutional feature map, and a {model.family} "
+                                 f"backbone has none: {reason}")
 
 
 def grad_cam(model: Classifier, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM maps (B, h, w) in [0, 1] for class `target`, and the logits (B, C).
 
-    The channels of the last convolutional stage (backbone.layer4) are weighted by the mean
-    gradient of the target logit over the map (Selvaraju et al. 2017); only positive evidence is
-    kept, scaled to a peak of 1 per image. The model is put in eval mode: BatchNorm on its
-    running statistics, so images in a batch do not influence each other and one backward pass
-    serves them all.
+    The channels of a convolutional stage are weighted by the mean gradient of the target logit
+    over its map (Selvaraju et al. 2017); only positive evidence is kept, scaled to a peak of 1
+    per image. The stage is the backbone's last one, or the last one whose map is at least
+    MIN_SIDE on a side (see `cam_stage`). The model is put in eval mode: BatchNorm on its running
+    statistics, so images in a batch do not influence each other and one backward pass serves
+    them all.
     """
+    check_grad_cam(model)
+    family = FAMILIES[model.family]
     model.eval()
-    captured = []
-    handle = model.backbone.layer4.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    modules = dict(model.backbone.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = [modules[name].register_forward_hook(
+        lambda _m, _i, out, name=name: captured.__setitem__(name, out)) for name in model.stages()]
     try:
         with torch.enable_grad():
-            # an input that needs grad keeps layer4 in the graph even with a frozen backbone
+            # an input that needs grad keeps the stages in the graph even with a frozen backbone
             logits = model(x.detach().requires_grad_())
-            (grads,) = torch.autograd.grad(logits[:, target].sum(), captured[0])
+            name = cam_stage({name: out.shape for name, out in captured.items()}, family.channels_last_maps)
+            (grads,) = torch.autograd.grad(logits[:, target].sum(), captured[name])
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    chosen = captured[name].detach()
+    if family.channels_last_maps:  # (B, H, W, C) -> (B, C, H, W)
+        chosen, grads = chosen.permute(0, 3, 1, 2), grads.permute(0, 3, 1, 2)
     weights = grads.mean(dim=(2, 3), keepdim=True)
-    cams = torch.relu((weights * captured[0].detach()).sum(dim=1))
+    cams = torch.relu((weights * chosen).sum(dim=1))
     return cams / cams.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12), logits.detach()
+
+
+def cam_stage(shapes: dict[str, torch.Size], channels_last_maps: bool) -> str:
+    """The last stage (in forward order) whose map is at least MIN_SIDE on both sides; where
+    every map is coarser, the finest (first) one."""
+    sides = {name: min(shape[1:3] if channels_last_maps else shape[-2:]) for name, shape in shapes.items()}
+    fine = [name for name, side in sides.items() if side >= MIN_SIDE]
+    return fine[-1] if fine else next(iter(sides))
 
 
 def overlay(image: np.ndarray, cam: torch.Tensor, alpha: float = 0.4) -> np.ndarray:

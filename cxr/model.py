@@ -1,22 +1,78 @@
-"""The reference network and its optimizer.
+"""The reference network on any torchvision backbone, and its optimizer.
 
-ResNet50 backbone -> Flatten -> feature standardisation -> [Dense(n) -> ReLU -> Dropout] x k -> output,
-and the optimizer over whatever of it trains (kept beside the model, as nanoGPT keeps
-`configure_optimizers`).
+backbone -> Flatten (or pooled features, or a transformer's class token) -> feature
+standardisation -> [Dense(n) -> ReLU -> Dropout] x k -> output, and the optimizer over whatever of
+it trains (kept beside the model, as nanoGPT keeps `configure_optimizers`).
+
+Backbones come from torchvision's model registry (`torchvision.models.get_model`). What differs
+between families (where the classifier and the pooling sit, which submodules are the stages that
+`model.trainable_stages` unfreezes and Grad-CAM hooks) is stated once, in FAMILIES.
 """
 
 import hashlib
 import os
 import re
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 
 class WeightsError(Exception):
     """Asked-for weights cannot be had: reported as one line, never a silent random init."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one family of torchvision networks is turned into a feature extractor."""
+
+    classifier: str  # the ImageNet classifier's attribute path: replaced by Identity
+    pool: str | None  # the global pooling's attribute, replaced by Identity for pooling=flatten
+    poolings: tuple[str, ...]  # the model.pooling values it supports
+    stages: Callable[[nn.Module], list[str]]  # its stages' module paths, input to output
+    channels_last_maps: bool = False  # stages output (B, H, W, C) instead of (B, C, H, W)
+    no_grad_cam: str | None = None  # why Grad-CAM cannot be had, where it cannot
+
+
+def _named(*paths: str) -> Callable[[nn.Module], list[str]]:
+    return lambda net: list(paths)
+
+
+def _indexed(prefix: str, first: int = 1) -> Callable[[nn.Module], list[str]]:
+    """features.1 .. features.N-1 of a Sequential (features.0 is the stem)."""
+    return lambda net: [f"{prefix}.{name}" for name in list(net.get_submodule(prefix)._modules)[first:]]
+
+
+_PYRAMID = _named("features.1", "features.3", "features.5", "features.7")  # between them: downsampling
+FAMILIES = {
+    "resnet": Family("fc", "avgpool", ("flatten", "avg"), _named("layer1", "layer2", "layer3", "layer4")),
+    "regnet": Family("fc", "avgpool", ("flatten", "avg"),
+                     _named(*(f"trunk_output.block{i}" for i in range(1, 5)))),
+    # its forward pools by a function, not a module: flatten rebuilds it (see build_backbone)
+    "densenet": Family("classifier", None, ("flatten", "avg"),
+                       _named(*(f"features.denseblock{i}" for i in range(1, 5)))),
+    "efficientnet": Family("classifier", "avgpool", ("flatten", "avg"), _indexed("features")),
+    "convnext": Family("classifier.2", "avgpool", ("flatten", "avg"), _PYRAMID),
+    "swin": Family("head", "avgpool", ("flatten", "avg"), _PYRAMID, channels_last_maps=True),
+    "vit": Family("heads", None, ("token",), _indexed("encoder.layers", first=0),
+                  no_grad_cam="its only convolution is the 16x16 patch embedding; attention, not "
+                              "convolution, mixes the patches after it, so no layer keeps a "
+                              "convolutional feature map to weight"),
+}
+BACKBONES = {"resnet18": "resnet", "resnet34": "resnet", "resnet50": "resnet", "resnet101": "resnet",
+             "densenet121": "densenet", "efficientnet_b0": "efficientnet",
+             "efficientnet_v2_s": "efficientnet", "convnext_tiny": "convnext",
+             "regnet_y_1_6gf": "regnet", "vit_b_16": "vit", "swin_t": "swin"}
+PATCH = {"vit_b_16": 16}  # transformers whose input side must be a multiple of their patch
+
+
+def family_of(backbone: str) -> Family:
+    return FAMILIES[BACKBONES[backbone]]
 
 
 class FeatureNorm(nn.Module):
@@ -47,14 +103,17 @@ class Classifier(nn.Module):
     """`backbone` maps images to a feature vector, `feature_norm` scales it, `head` gives logits.
 
     Kept as parts so the frozen-backbone path can cache backbone features and train
-    `feature_norm` + `head` alone, and so Grad-CAM can hook the last convolutional stage.
+    `feature_norm` + `head` alone, and so Grad-CAM can hook the backbone's stages. `family` names
+    the backbone's entry in FAMILIES (a plain attribute: not part of the weights).
     """
 
-    def __init__(self, backbone: nn.Module, feature_norm: FeatureNorm, head: nn.Module):
+    def __init__(self, backbone: nn.Module, feature_norm: FeatureNorm, head: nn.Module,
+                 family: str = "resnet"):
         super().__init__()
         self.backbone = backbone
         self.feature_norm = feature_norm
         self.head = head
+        self.family = family
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.feature_norm(self.backbone(x)))
@@ -63,26 +122,31 @@ class Classifier(nn.Module):
         """What sits on the backbone's features: what trains when the backbone is frozen."""
         return nn.Sequential(self.feature_norm, self.head)
 
+    def stages(self) -> list[str]:
+        """The backbone's stage paths that exist in it, input to output."""
+        names = dict(self.backbone.named_modules())
+        return [path for path in FAMILIES[self.family].stages(self.backbone) if path in names]
 
-def imagenet_state_dict() -> dict:
-    """torchvision's ImageNet ResNet50 weights from torch's cache, downloading them if allowed."""
-    weights = ResNet50_Weights.IMAGENET1K_V2
+
+def imagenet_state_dict(backbone: str) -> dict:
+    """torchvision's default ImageNet weights of `backbone`, from torch's cache or downloaded."""
+    weights = torchvision.models.get_model_weights(backbone).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as error:  # offline, proxy, truncated file: all mean "not available here"
         raise WeightsError(
-            f"ImageNet weights are not in torch's cache ({cached}) and could not be downloaded "
-            f"({type(error).__name__}); copy {os.path.basename(weights.url)} there, or pass "
+            f"ImageNet weights of {backbone} are not in torch's cache ({cached}) and could not be "
+            f"downloaded ({type(error).__name__}); copy {os.path.basename(weights.url)} there, or pass "
             "model.weights=null (random init) or model.weights=/path/to/state_dict.pt"
         ) from None
 
 
-def backbone_state_dict(weights: str | None) -> dict | None:
+def backbone_state_dict(weights: str | None, backbone: str) -> dict | None:
     if weights is None:
         return None
     if weights == "imagenet":
-        return imagenet_state_dict()
+        return imagenet_state_dict(backbone)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(f"model.weights file not found: {path}")
@@ -100,35 +164,60 @@ def backbone_state_dict(weights: str | None) -> dict | None:
     return state
 
 
-def build_backbone(weights: str | None, pooling: str) -> nn.Module:
-    net = resnet50(weights=None)
-    state = backbone_state_dict(weights)
-    if state is not None:
-        # the ImageNet classifier (fc.*) is replaced by the reference head
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        try:
-            missing, unexpected = net.load_state_dict(state, strict=False)
-        except RuntimeError as error:  # same names, other shapes
-            mismatch = re.search(r"size mismatch for ([\w.]+)", str(error))
-            raise WeightsError(f"model.weights {weights} does not fit ResNet50 (the shape of "
-                               f"{mismatch.group(1) if mismatch else 'a tensor'} differs)") from None
-        if [k for k in missing if not k.startswith("fc.")] or unexpected:
-            raise WeightsError(f"model.weights {weights} is not a ResNet50 state dict "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    net.fc = nn.Identity()
-    if pooling == "flatten":
-        # Keras' include_top=False without pooling: the whole 2048 x h x w map is flattened
-        # (100,352 features at 224 px), as the reference's Flatten layer does.
-        net.avgpool = nn.Identity()
+def load_backbone_weights(net: nn.Module, state: dict, weights: str, backbone: str,
+                          image_size: int) -> None:
+    """`state` into `net` (still with its ImageNet classifier, whose weights are not taken)."""
+    classifier = family_of(backbone).classifier + "."
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    if backbone in PATCH and "encoder.pos_embedding" in state:
+        # ImageNet ViTs hold one position per 16x16 patch of 224 px: resampled to this size
+        state = interpolate_embeddings(image_size, PATCH[backbone], state)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # same names, other shapes
+        mismatch = re.search(r"size mismatch for ([\w.]+)", str(error))
+        raise WeightsError(f"model.weights {weights} does not fit {backbone} (the shape of "
+                           f"{mismatch.group(1) if mismatch else 'a tensor'} differs)") from None
+    if [k for k in missing if not k.startswith(classifier)] or unexpected:
+        raise WeightsError(f"model.weights {weights} is not a {backbone} state dict "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def strip_classifier(net: nn.Module, backbone: str, pooling: str) -> nn.Module:
+    """The network up to its features: the ImageNet classifier gone, and with pooling=flatten
+    the global pooling too (Keras' include_top=False without pooling, as the reference's Flatten
+    layer sees it: ResNet50's whole 2048 x 7 x 7 map at 224 px)."""
+    family = family_of(backbone)
+    parent, _, name = family.classifier.rpartition(".")
+    setattr(net.get_submodule(parent), name, nn.Identity())
+    if pooling == "flatten" and family.pool is not None:
+        setattr(net, family.pool, nn.Identity())
+    if pooling == "flatten" and BACKBONES[backbone] == "densenet":
+        # DenseNet pools in its forward(); the same modules, in order, without the pooling
+        # (the parameter names stay those of torchvision's DenseNet)
+        net = nn.Sequential(OrderedDict(features=net.features, relu=nn.ReLU(), flatten=nn.Flatten()))
     return net
 
 
-def feature_count(pooling: str, image_size: int) -> int:
-    """Length of the backbone's output vector: ResNet50 halves the input five times (ceil)."""
-    side = image_size
-    for _ in range(5):
-        side = (side + 1) // 2
-    return 2048 * side * side if pooling == "flatten" else 2048
+def build_backbone(backbone: str, weights: str | None, pooling: str, image_size: int) -> nn.Module:
+    """torchvision's `backbone` with the given weights, mapping images to a feature vector."""
+    options = {"image_size": image_size} if backbone in PATCH else {}
+    net = torchvision.models.get_model(backbone, weights=None, **options)
+    state = backbone_state_dict(weights, backbone)
+    if state is not None:
+        load_backbone_weights(net, state, weights, backbone, image_size)
+    return strip_classifier(net, backbone, pooling)
+
+
+@torch.no_grad()
+def feature_count(backbone: nn.Module, image_size: int) -> int:
+    """Length of the backbone's output vector, from one forward pass of a blank image: the same
+    for every family and size (eval mode, so BatchNorm's running statistics are not touched)."""
+    was_training = backbone.training
+    backbone.eval()
+    count = backbone(torch.zeros(1, 3, image_size, image_size)).shape[1]
+    backbone.train(was_training)
+    return count
 
 
 def build_head(in_features: int, dense: int, hidden_layers: int, dropout: float, num_classes: int) -> nn.Sequential:
@@ -145,12 +234,27 @@ def build_model(model_cfg, image_size: int, num_classes: int, init_seed: int = 0
     backbone can be rebuilt from a checkpoint that stores only the head (frozen backbone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        backbone = build_backbone(model_cfg.weights, model_cfg.pooling)
-    features = feature_count(model_cfg.pooling, image_size)
+        backbone = build_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.pooling, image_size)
+    features = feature_count(backbone, image_size)
     head = build_head(features, model_cfg.dense, model_cfg.hidden_layers, model_cfg.dropout, num_classes)
+    model = Classifier(backbone, FeatureNorm(features), head, BACKBONES[model_cfg.backbone])
     if model_cfg.freeze_backbone:
         backbone.requires_grad_(False)
-    return Classifier(backbone, FeatureNorm(features), head)
+    elif model_cfg.trainable_stages is not None:
+        train_last_stages(model, model_cfg.trainable_stages)
+    return model
+
+
+def train_last_stages(model: Classifier, count: int) -> None:
+    """Only the last `count` stages of the backbone train, with everything after them (final
+    norms); the stem and earlier stages stay as initialised. Parameters are registered in forward
+    order in torchvision's networks, so "after" is "later in named_parameters()"."""
+    stages = model.stages()
+    first = stages[max(0, len(stages) - count)] + "."
+    trainable = False
+    for name, parameter in model.backbone.named_parameters():
+        trainable = trainable or name.startswith(first)
+        parameter.requires_grad_(trainable)
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -162,14 +266,27 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def parameter_groups(module: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
+    """The head (and anything that is not the backbone) at `lr`, the backbone's trainable
+    parameters at lr x backbone_lr_scale: discriminative fine-tuning, as ULMFiT and timm do."""
+    backbone = getattr(module, "backbone", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in backbone_ids], "lr": lr, "name": "head"},
+              {"params": [p for p in trainable if id(p) in backbone_ids], "lr": lr * backbone_lr_scale,
+               "name": "backbone"}]
+    return [group for group in groups if group["params"]]
+
+
 def build_optimizer(module: nn.Module, cfg) -> torch.optim.Optimizer:
-    """The configured optimizer over `module`'s trainable parameters."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    """The configured optimizer over `module`'s trainable parameters, in parameter groups."""
+    groups = parameter_groups(module, cfg.lr, cfg.backbone_lr_scale)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     # fused: one kernel updates every tensor, instead of ~10 small ops per tensor that each launch
     # a kernel (GPU) or wait for the threads of a parallel region (CPU: 4x faster head-only steps)
+    params = [p for group in groups for p in group["params"]]
     fused = True if all(p.device.type in ("cpu", "cuda") for p in params) else None
-    return optimizer(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+    return optimizer(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                      fused=fused)

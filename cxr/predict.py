@@ -30,7 +30,7 @@ from cxr import results
 from cxr.batches import eval_batches, preprocess
 from cxr.checkpoint import CheckpointError, load_classifier
 from cxr.data import decode_split, is_visible, positive_index
-from cxr.explain import grad_cam, save_overlay
+from cxr.explain import GradCamUnavailable, check_grad_cam, grad_cam, save_overlay
 from cxr.metrics import decide
 from cxr.model import Classifier, WeightsError
 from cxr.runtime import DeviceError, pick_device
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError(f"no JPEG or PNG files under {cfg.inputs}")
         device = pick_device(cfg.device)
         model, settings = load_classifier(cfg.checkpoint, device)
-    except (PredictError, CheckpointError, DeviceError, WeightsError) as error:
+        if cfg.gradcam is not None:
+            check_grad_cam(model)
+    except (PredictError, CheckpointError, DeviceError, WeightsError, GradCamUnavailable) as error:
         log.error("%s", error)
         return 1
     overlays = None

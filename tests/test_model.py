@@ -29,7 +29,7 @@ def test_seed_head_two_hidden_layers_of_16(make_cfg):
 def test_feature_count_matches_the_backbone(make_cfg, pooling, size, features):
     cfg = make_cfg(f"model.pooling={pooling}", f"data.image_size={size}")
     model = build_model(cfg.model, size, num_classes=2).eval()
-    assert feature_count(pooling, size) == features
+    assert feature_count(model.backbone, size) == features
     with torch.no_grad():
         assert model.backbone(torch.zeros(1, 3, size, size)).shape == (1, features)
 

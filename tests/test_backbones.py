@@ -1,0 +1,136 @@
+"""Every listed torchvision backbone as a config choice: built, explained, refused where it cannot work."""
+
+import pytest
+import torch
+from torch import nn
+
+from cxr.config import ConfigError, effective, validate
+from cxr.explain import GradCamUnavailable, grad_cam
+from cxr.model import BACKBONES, WeightsError, build_backbone, build_model, build_optimizer, weights_digest
+
+# the model config group's files, one per backbone (conf/model/<name>.yaml)
+LISTED = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "efficientnet_b0",
+          "efficientnet_v2_s", "convnext_tiny", "regnet_y_1_6gf", "vit_b_16", "swin_t")
+# feature vector of each backbone with its config's pooling at 32 px: flatten keeps the
+# C x h x w map (32 px is 1 x 1 after the 32x downsampling), vit reads its 768-wide class token
+FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "densenet121": 1024,
+            "efficientnet_b0": 1280, "efficientnet_v2_s": 1280, "convnext_tiny": 768,
+            "regnet_y_1_6gf": 888, "vit_b_16": 768, "swin_t": 768}
+
+
+def test_the_listed_backbones_are_the_registered_ones():
+    assert set(LISTED) == set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", LISTED)
+def test_each_backbone_builds_and_gives_logits(make_cfg, name):
+    cfg = make_cfg(f"model={name}", "model.weights=null", "data.image_size=32")
+    validate(cfg)
+    assert cfg.model.backbone == name and cfg.model.dense == 8  # the seed's head on every backbone
+    model = build_model(cfg.model, 32, num_classes=3)
+    assert model.head[0].in_features == FEATURES[name]
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_flatten_keeps_the_spatial_map_where_there_is_one(make_cfg):
+    # densenet121 at 64 px: 1024 channels on a 2 x 2 map; avg pools them to 1024
+    for pooling, features in (("flatten", 1024 * 2 * 2), ("avg", 1024)):
+        cfg = make_cfg("model=densenet121", "model.weights=null", f"model.pooling={pooling}")
+        assert build_model(cfg.model, 64, num_classes=2).head[0].in_features == features
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("model.backbone=resnet500",), r"model.backbone must be one of resnet18\|resnet34\|.*got resnet500"),
+    (("model=vit_b_16", "model.pooling=flatten"), r"model.pooling must be token for vit_b_16"),
+    (("model=resnet18", "model.pooling=token"), r"model.pooling must be flatten\|avg for resnet18"),
+    (("model=vit_b_16", "data.image_size=40"), r"multiple of 16 for vit_b_16"),
+    (("model.trainable_stages=-1",), r"model.trainable_stages must be null or >= 0"),
+    # the embedded dataset freezes the backbone: asking to train part of it must say so
+    (("model.trainable_stages=2",), r"model.trainable_stages=2 trains part of the backbone: pass model.freeze_backbone=false"),
+    (("optimizer.backbone_lr_scale=0.1",), r"backbone_lr_scale=0.1 .* pass model.freeze_backbone=false"),
+])
+def test_impossible_choices_are_one_line_errors(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        validate(make_cfg(*overrides))
+    assert "\n" not in str(error.value)
+
+
+def test_a_state_dict_file_loads_into_any_backbone(make_cfg, tmp_path):
+    torch.manual_seed(1)
+    source = build_backbone("densenet121", None, "avg", 32)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    cfg = make_cfg("model=densenet121", f"model.weights={tmp_path / 'w.pt'}", "model.pooling=avg")
+    assert weights_digest(build_model(cfg.model, 32, 2).backbone) == weights_digest(source)
+    # flatten rebuilds DenseNet without its pooling: the same parameter names, the same weights
+    cfg.model.pooling = "flatten"
+    loaded = build_model(cfg.model, 32, 2).backbone
+    assert torch.equal(loaded.features.conv0.weight, source.features.conv0.weight)
+    torch.save(build_backbone("resnet18", None, "avg", 32).state_dict(), tmp_path / "r.pt")
+    cfg.model.weights = str(tmp_path / "r.pt")
+    with pytest.raises(WeightsError, match="is not a densenet121 state dict"):
+        build_model(cfg.model, 32, 2)
+
+
+def test_imagenet_weights_offline_name_the_backbones_file(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens: fails at once
+    cfg = make_cfg("model=efficientnet_b0", "model.weights=imagenet")
+    with pytest.raises(WeightsError, match=r"efficientnet_b0 are not in torch's cache .*efficientnet_b0_rwightman"):
+        build_model(cfg.model, 32, 2)
+
+
+@pytest.mark.parametrize(("name", "size", "side"), [
+    ("resnet50", 224, 7),  # layer4 is 224 / 32 = 7 on a side: fine enough
+    ("resnet50", 64, 4),  # layer4 would be 2 x 2: layer3's 64 / 16 = 4 instead
+    ("swin_t", 64, 4),  # (B, H, W, C) stages: its third stage, 64 / 16
+    ("efficientnet_b0", 64, 4),
+])
+def test_grad_cam_uses_the_last_stage_fine_enough_to_show_something(make_cfg, name, size, side):
+    cfg = make_cfg(f"model={name}", "model.weights=null")
+    model = build_model(cfg.model, size, 2)
+    cams, logits = grad_cam(model, torch.randn(2, 3, size, size), target=1)
+    assert cams.shape == (2, side, side) and logits.shape == (2, 2)
+    assert cams.amax() <= 1 and cams.amin() >= 0
+
+
+def test_grad_cam_says_why_a_vit_has_none(make_cfg):
+    model = build_model(make_cfg("model=vit_b_16", "model.weights=null").model, 32, 2)
+    with pytest.raises(GradCamUnavailable, match="patch embedding"):
+        grad_cam(model, torch.zeros(1, 3, 32, 32), target=1)
+
+
+def test_trainable_stages_unfreeze_the_last_stages_only(make_cfg):
+    cfg = make_cfg("model=resnet18", "model.weights=null", "model.freeze_backbone=false",
+                   "model.trainable_stages=1")
+    model = build_model(cfg.model, 32, 2)
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.backbone.named_parameters() if n.startswith("layer4.")}
+    # convnext's last stage and the LayerNorm after it
+    cfg = make_cfg("model=convnext_tiny", "model.weights=null", "model.freeze_backbone=false",
+                   "model.trainable_stages=1")
+    model = build_model(cfg.model, 32, 2)
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.backbone.named_parameters()
+                 if p.requires_grad}
+    assert trainable == {"features.7", "classifier.0"}
+
+
+def test_optimizer_groups_carry_the_head_and_backbone_rates(make_cfg):
+    cfg = make_cfg("model=resnet18", "model.weights=null", "model.freeze_backbone=false",
+                   "optimizer.lr=1e-3", "optimizer.backbone_lr_scale=0.1")
+    model = build_model(cfg.model, 32, 2)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["head"]["lr"] == 1e-3 and groups["backbone"]["lr"] == pytest.approx(1e-4)
+    assert sum(p.numel() for p in groups["backbone"]["params"]) == 11_176_512  # ResNet18 without fc
+    assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in model.head.parameters()}
+
+
+@pytest.mark.parametrize("override", ["optimizer.backbone_lr_scale=0", "model.trainable_stages=0"])
+def test_zero_backbone_rate_or_stages_is_the_frozen_backbone(make_cfg, override):
+    cfg = effective(make_cfg("debug=smoke", override))
+    assert cfg.model.freeze_backbone is True
+    model = build_model(cfg.model, 32, 2)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert isinstance(build_optimizer(model.top(), cfg.optimizer), torch.optim.Adam)
+    assert not isinstance(model.backbone, nn.Sequential)

@@ -75,6 +75,8 @@ COLUMNS = SEED_COLUMNS + (
     Column("Sensitivity", "test/sensitivity", "percent", "max"),
     Column("Specificity", "test/specificity", "percent", "max"),
     Column("Best Epoch", "best_epoch", "int"),
+    # only where trainer.patience stopped a run (an empty column is left out of results.md)
+    Column("Stopped At", "stopped_epoch", "int"),
     Column("Epochs", "epochs", "int"),
     Column("Seed", "seed", "int"),
     Column("Weights", "model.weights"),
@@ -149,9 +151,15 @@ def model_label(result: dict, varying: list[str]) -> str:
     variant = result.get("variant") or "custom"
     overrides = parse_overrides(result)
     # `experiment=resultset3` says nothing the variant name does not say already
-    parts = [overrides[k] for k in varying
+    parts = [show_override(overrides[k]) for k in varying
              if k in overrides and overrides[k] != f"experiment={variant}"]
     return " ".join(([variant] if variant != "custom" else []) + parts) or variant
+
+
+def show_override(override: str) -> str:
+    """`model=densenet121` is shown as the backbone's name alone: the Model column names it."""
+    key, _, value = override.partition("=")
+    return value if key == "model" else override
 
 
 def job_row(job_dir: Path, result: dict, label: str) -> dict:

@@ -165,7 +165,7 @@ def bench_loader(root: Path, items, size: int, batch_size: int, repeats: int, wo
 def trainer_epoch(view: TrainingView, optimizer, cfg, device, amp_dtype, scaler, epoch: int):
     """One epoch of the real trainer (as cxr.train.fit runs it): shuffled device batches,
     normalised on the device."""
-    batches = view.train_inputs(cfg.trainer.batch_size, epoch, cfg.seed, augment=False)
+    batches = view.train_inputs(cfg.trainer.batch_size, epoch, cfg.seed, augment=None)
     train_one_epoch(view.module, optimizer, batches, device=device, epoch=epoch, amp_dtype=amp_dtype,
                     scaler=scaler, log_every=cfg.trainer.log_every,
                     total=math.ceil(len(view.train) / cfg.trainer.batch_size), progress=False)

@@ -1,7 +1,8 @@
 """The checkpoint formats: the only module that builds or reads last.pt and best.pt.
 
     last.pt   everything a resumed run needs to go on exactly as if never stopped: the trained
-              weights, optimizer and scaler state, the loop's state, every rank's RNG states
+              weights, optimizer, learning-rate schedule and scaler state, the loop's state,
+              every rank's RNG states
     best.pt   the weights of the best epoch by validation, and what cxr.predict needs to use
               them: classes, image size, normalisation, the network's shape, the threshold
 
@@ -27,7 +28,7 @@ from cxr.runtime import Runtime, rng_state, set_rng_state
 log = logging.getLogger("cxr")
 
 # bump when the layout changes: older files are refused with a message instead of misread
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4  # 4: any torchvision backbone (model_config.backbone), the lr schedule
 LAST, BEST = "last.pt", "best.pt"
 # config keys that may change between a run and its resumption (or extension: trainer.epochs)
 RESUMABLE_CHANGES = {"trainer.resume", "trainer.epochs", "trainer.progress", "trainer.device",
@@ -88,15 +89,16 @@ class Checkpoints:
     Every rank calls `save_last` (it gathers their RNG states); rank 0 alone writes.
     """
 
-    def __init__(self, output_dir: Path, model: Classifier, optimizer, runtime: Runtime, cfg,
+    def __init__(self, output_dir: Path, model: Classifier, optimizer, scheduler, runtime: Runtime, cfg,
                  classes: list[str]):
         self.last_path, self.best_path = Path(output_dir) / LAST, Path(output_dir) / BEST
         self.model, self.optimizer, self.runtime, self.cfg = model, optimizer, runtime, cfg
+        self.scheduler = scheduler
         self.classes = classes
         self.frozen = cfg.model.freeze_backbone
         self.fingerprint = fingerprint(cfg)
         # the frozen backbone, by reference: rebuilt from its settings and checked by its digest
-        self.backbone = ({"weights": cfg.model.weights, "init_seed": cfg.seed,
+        self.backbone = ({"name": cfg.model.backbone, "weights": cfg.model.weights, "init_seed": cfg.seed,
                           "digest": weights_digest(model.backbone)} if self.frozen else None)
 
     def save_last(self, state: TrainingState) -> None:
@@ -105,7 +107,7 @@ class Checkpoints:
             return
         scaler = self.runtime.scaler
         save_checkpoint({"model": trained_state(self.model, self.frozen), "backbone": self.backbone,
-                         "optimizer": self.optimizer.state_dict(),
+                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else None,
                          **asdict(state), "rng": rngs, "num_threads": torch.get_num_threads(),
                          "fingerprint": self.fingerprint,
@@ -131,6 +133,7 @@ class Checkpoints:
                                   "differ); resume with the same config or use a new run dir")
         self.model.load_state_dict(saved["model"], strict=not self.frozen)
         self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
         if self.runtime.scaler is not None and saved["scaler"]:
             self.runtime.scaler.load_state_dict(saved["scaler"])
         rngs = saved["rng"]

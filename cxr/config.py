@@ -51,8 +51,11 @@ class DataConfig:
     cache_dir: str = "${oc.env:CXR_CACHE_DIR,${oc.env:HOME}/.cache/cxr}"
     # processes that decode JPEGs on the first pass (0 = all cores)
     decode_workers: int = 0
-    # light on-device augmentation of training batches (random shift and scale)
-    augment: bool = False
+    # on-device augmentation of training batches: none | light | strong (cxr.batches.AUGMENT)
+    augment: str = "none"
+    # mirror left-right as part of the augmentation: off, since a chest is not symmetric (the
+    # heart sits on the left); on only for data whose side does not matter
+    hflip: bool = False
     # at most this many images per split (a stratified, deterministic subset) for quick checks
     limit: int | None = None
     # set for the embedded dataset: generate it under `root` on first use
@@ -62,12 +65,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet50"
+    backbone: str = "resnet50"  # a torchvision model name, see cxr.model.BACKBONES
     dense: int = 8
     hidden_layers: int = 1
     dropout: float = 0.5
-    pooling: str = "flatten"  # flatten (the seed: Keras include_top=False) | avg
+    pooling: str = "flatten"  # flatten (the seed: Keras include_top=False) | avg | token (vit)
     weights: str | None = "imagenet"  # imagenet | null | path to a state-dict file
     freeze_backbone: bool = False
+    # null: the whole backbone trains; k: only its last k stages (0: frozen, as freeze_backbone)
+    trainable_stages: int | None = None
 
 
 @dataclass
@@ -77,6 +83,19 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    # the backbone's lr is lr x this (the head's is lr); 0 freezes it as model.freeze_backbone does
+    backbone_lr_scale: float = 1.0
+
+
+@dataclass
+class SchedulerConfig:
+    """The learning rate over optimizer steps, as a factor of optimizer.lr (cxr.schedule)."""
+
+    name: str = "none"  # none (the seed's constant lr) | cosine | step
+    warmup_steps: int = 0  # linear warmup over the first optimizer steps
+    min_lr_scale: float = 0.0  # cosine: the factor it ends at
+    step_epochs: int = 10  # step: multiply by gamma every this many epochs
+    gamma: float = 0.1
 
 
 @dataclass
@@ -91,6 +110,11 @@ class TrainerConfig:
     channels_last: bool = True
     compile: bool = False
     grad_clip: float | None = None
+    # optimizer steps every this many batches (gradients summed): batch_size x accumulate_steps
+    # images per step, for a large backbone on a small GPU
+    accumulate_steps: int = 1
+    # stop when trainer.monitor has not improved for this many epochs (null: train every epoch)
+    patience: int | None = None
     monitor: str = "val/auroc"  # metric that picks best.pt; higher is better (val/loss: lower)
     threshold: str = "0.5"  # 0.5 (or any number in (0,1)) | youden: chosen on validation
     deterministic: bool = False
@@ -110,6 +134,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0  # the random seed (the Keras experiment cxr reproduces is "the reference")
     # sweep jobs that share one GPU at a time (hydra/launcher=per_gpu, Ray's fractional num_gpus)
     jobs_per_gpu: int = 1
@@ -165,10 +190,15 @@ def validate(cfg: Any) -> None:
     _check(m.dense > 0, f"model.dense must be > 0, got {m.dense}")
     _check(m.hidden_layers >= 0, f"model.hidden_layers must be >= 0, got {m.hidden_layers}")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
-    _check(m.pooling in ("flatten", "avg"), f"model.pooling must be flatten|avg, got {m.pooling}")
+    validate_model(m, d.image_size)
     _check(o.name in ("adam", "adamw", "sgd"), f"optimizer.name must be adam|adamw|sgd, got {o.name}")
     _check(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(o.backbone_lr_scale >= 0, f"optimizer.backbone_lr_scale must be >= 0, got {o.backbone_lr_scale}")
+    _check(not (m.freeze_backbone and o.backbone_lr_scale not in (0, 1)),
+           f"optimizer.backbone_lr_scale={o.backbone_lr_scale} trains the backbone: pass "
+           "model.freeze_backbone=false with it (the embedded dataset's recipe freezes it)")
+    validate_recipe(cfg)
     _check(t.epochs >= 1, f"trainer.epochs must be >= 1, got {t.epochs}")
     _check(cfg.jobs_per_gpu >= 1, f"jobs_per_gpu must be >= 1, got {cfg.jobs_per_gpu}")
     _check(t.batch_size >= 1, f"trainer.batch_size must be >= 1, got {t.batch_size}")
@@ -188,10 +218,50 @@ def validate(cfg: Any) -> None:
         except ValueError:
             value = -1.0
         _check(0 < value < 1, f"trainer.threshold must be youden or a number in (0, 1), got {t.threshold}")
-    # ResNet50 divides the input by 32; below that the last stage has nothing left to see.
-    _check(d.image_size >= 32, f"data.image_size must be >= 32 for ResNet50 (it downsamples 32x), got {d.image_size}")
+    # the CNNs divide the input by 32; below that the last stage has nothing left to see
+    _check(d.image_size >= 32, f"data.image_size must be >= 32 (the backbones downsample 32x), got {d.image_size}")
     _check(
         d.val_split in ("from_train", "official"),
         f"data.val_split must be from_train|official, got {d.val_split}",
     )
     _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+
+
+def validate_model(m: Any, image_size: int) -> None:
+    """The backbone exists, its pooling suits its family, the image size suits its patches."""
+    from cxr.model import BACKBONES, PATCH, family_of  # torch and torchvision: only when validating
+
+    _check(m.backbone in BACKBONES, f"model.backbone must be one of {'|'.join(BACKBONES)}, got {m.backbone}")
+    poolings = family_of(m.backbone).poolings
+    _check(m.pooling in poolings, f"model.pooling must be {'|'.join(poolings)} for {m.backbone}, got {m.pooling}")
+    patch = PATCH.get(m.backbone)
+    _check(patch is None or image_size % patch == 0,
+           f"data.image_size must be a multiple of {patch} for {m.backbone} (its patch side), got {image_size}")
+    _check(m.trainable_stages is None or m.trainable_stages >= 0,
+           f"model.trainable_stages must be null or >= 0, got {m.trainable_stages}")
+    _check(not (m.freeze_backbone and m.trainable_stages),
+           f"model.trainable_stages={m.trainable_stages} trains part of the backbone: pass "
+           "model.freeze_backbone=false with it (the embedded dataset's recipe freezes it)")
+
+
+def validate_recipe(cfg: Any) -> None:
+    """The schedule, early stopping, accumulation and augmentation settings."""
+    s, t, d = cfg.scheduler, cfg.trainer, cfg.data
+    _check(s.name in ("none", "cosine", "step"), f"scheduler.name must be none|cosine|step, got {s.name}")
+    _check(s.warmup_steps >= 0, f"scheduler.warmup_steps must be >= 0, got {s.warmup_steps}")
+    _check(0 <= s.min_lr_scale <= 1, f"scheduler.min_lr_scale must be in [0, 1], got {s.min_lr_scale}")
+    _check(s.step_epochs >= 1, f"scheduler.step_epochs must be >= 1, got {s.step_epochs}")
+    _check(0 < s.gamma <= 1, f"scheduler.gamma must be in (0, 1], got {s.gamma}")
+    _check(t.patience is None or t.patience >= 1, f"trainer.patience must be null or >= 1, got {t.patience}")
+    _check(t.accumulate_steps >= 1, f"trainer.accumulate_steps must be >= 1, got {t.accumulate_steps}")
+    _check(d.augment in ("none", "light", "strong"), f"data.augment must be none|light|strong, got {d.augment}")
+
+
+def effective(cfg: Any) -> Any:
+    """The config as it runs: optimizer.backbone_lr_scale=0 and model.trainable_stages=0 freeze the
+    backbone, and do so the one way a frozen backbone runs (model.freeze_backbone=true: cached
+    features, checkpoints of the head). Stated in the config, so that checkpoints, the feature
+    cache and result.json all see it."""
+    if cfg.model.freeze_backbone or not (cfg.optimizer.backbone_lr_scale == 0 or cfg.model.trainable_stages == 0):
+        return cfg
+    return OmegaConf.merge(cfg, {"model": {"freeze_backbone": True}})

@@ -30,6 +30,11 @@ class TrainingState:
     threshold: float | None = None  # chosen on validation in the last finished epoch
     history: list[dict] = field(default_factory=list)
     train_ms: float = 0.0
+    stopped_epoch: int | None = None  # set when trainer.patience ended the run early
+
+    def patience_spent(self, patience: int | None) -> bool:
+        """trainer.monitor has not improved for `patience` epochs since the best one."""
+        return patience is not None and self.best_epoch is not None and self.epoch - self.best_epoch >= patience
 
     def advance(self, row: dict, score: float, threshold: float, train_ms: float) -> bool:
         """Record a finished epoch; whether it is the best so far.
@@ -55,33 +60,37 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 def train_one_epoch(model, optimizer, batches: Iterable, *, device: torch.device, epoch: int,
                     amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                     grad_clip: float | None = None, log_every: int = 10, total: int | None = None,
-                    progress: bool = True, should_stop=lambda: False) -> dict:
-    """Train on every (inputs, labels) batch once; {"loss", "acc"} averaged over images, all ranks."""
+                    progress: bool = True, should_stop=lambda: False, scheduler=None,
+                    accumulate_steps: int = 1) -> dict:
+    """Train on every (inputs, labels) batch once: {"loss", "acc"} averaged over images, all
+    ranks, and "lrs", the first parameter group's lr of each optimizer step.
+
+    With accumulate_steps=k the gradients of k batches are summed, each loss divided by the
+    number of batches in its group (k, or fewer in the epoch's last group, which `total` tells),
+    so k batches of b images step as one batch of k x b would. The scheduler steps after each
+    optimizer step.
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen = 0
     step = 0
+    lrs: list[float] = []
     pending: list[torch.Tensor] = []  # losses since the last check, kept on the device
     bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
+    optimizer.zero_grad(set_to_none=True)  # set_to_none frees the gradient memory
     for step, (x, labels) in enumerate(bar, start=1):
+        group_end = min(total or math.inf, math.ceil(step / accumulate_steps) * accumulate_steps)
+        group_size = group_end - (math.ceil(step / accumulate_steps) - 1) * accumulate_steps
         with autocast(device, amp_dtype):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), labels)
-        # set_to_none frees the gradient memory instead of writing zeros into it
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale, backward, unscale before clipping, step
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+        backward(loss / group_size, scaler)
+        if step == group_end or should_stop():
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer_step(model, optimizer, scaler, grad_clip)
+            if scheduler is not None:
+                scheduler.step()
         n = labels.shape[0]
         loss_sum += loss.detach() * n
         correct += (logits.detach().argmax(1) == labels).sum()
@@ -95,7 +104,28 @@ def train_one_epoch(model, optimizer, batches: Iterable, *, device: torch.device
             break
     _check_finite(pending, epoch, step)
     totals = _all_reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]))
-    return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item()}
+    return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(), "lrs": lrs}
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """Gradients of `loss` added to those already held (fp16: of the scaled loss)."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def optimizer_step(model, optimizer, scaler: torch.amp.GradScaler | None, grad_clip: float | None) -> None:
+    """One step on the summed gradients, then clear them. fp16: unscale before clipping, so the
+    clip sees true norms; the scaler skips the step when a gradient overflowed."""
+    if scaler is not None:
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> None:

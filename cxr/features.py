@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.batches import MEAN, STD, eval_batches, preprocess, train_batches
+from cxr.batches import MEAN, STD, Augment, eval_batches, preprocess, train_batches
 from cxr.data import Split, cache_key
 from cxr.engine import autocast
 from cxr.files import atomic_write
@@ -47,10 +47,10 @@ class TrainingView:
     train: Split
     val: Split
     test: Split
-    prepare: Callable[[torch.Tensor, bool], torch.Tensor]  # (batch, augment) -> module input
+    prepare: Callable[[torch.Tensor, Augment | None], torch.Tensor]  # (batch, augment) -> module input
     cpu_threads: int | None = None  # intra-op threads for training it on a CPU (None: torch's)
 
-    def train_inputs(self, batch_size: int, epoch: int, seed: int, augment: bool, rank: int = 0,
+    def train_inputs(self, batch_size: int, epoch: int, seed: int, augment: Augment | None, rank: int = 0,
                      world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, labels in train_batches(self.train, batch_size, epoch, seed, rank, world):
             yield self.prepare(x, augment), labels
@@ -58,7 +58,7 @@ class TrainingView:
     def eval_inputs(self, split: Split, batch_size: int, rank: int = 0,
                     world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, labels in eval_batches(split, batch_size, rank, world):
-            yield self.prepare(x, False), labels
+            yield self.prepare(x, None), labels
 
 
 def training_view(model: Classifier, splits: Sequence[Split], cfg, device: torch.device,
@@ -117,7 +117,7 @@ def cached_features(backbone: nn.Module, splits: Sequence[Split], cfg, device: t
     Under torchrun every rank that misses the cache computes the same file and writes it
     atomically, so no rank waits for another and a reader never sees half a file.
     """
-    if cfg.data.augment:
+    if cfg.data.augment != "none":
         log.warning("data.augment does not apply with model.freeze_backbone=true: the head trains "
                     "on cached features of the unaugmented images")
     backbone.eval()  # for the whole run: BatchNorm as the features were made, in Grad-CAM too

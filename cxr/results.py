@@ -39,12 +39,17 @@ def new_record(cfg, overrides) -> dict:
     return {
         "status": RUNNING, "error": None,
         "variant": cfg.variant, "description": cfg.description, "overrides": list(overrides),
-        "model": {"dense": cfg.model.dense, "hidden_layers": cfg.model.hidden_layers,
-                  "dropout": cfg.model.dropout, "pooling": cfg.model.pooling,
-                  "weights": cfg.model.weights, "freeze_backbone": cfg.model.freeze_backbone},
-        "optimizer": {"name": cfg.optimizer.name, "lr": cfg.optimizer.lr},
-        "data": {"name": cfg.data.name, "image_size": cfg.data.image_size},
-        "metrics": {}, "epochs": cfg.trainer.epochs, "best_epoch": None, "seed": cfg.seed,
+        "model": {"backbone": cfg.model.backbone, "dense": cfg.model.dense,
+                  "hidden_layers": cfg.model.hidden_layers, "dropout": cfg.model.dropout,
+                  "pooling": cfg.model.pooling, "weights": cfg.model.weights,
+                  "freeze_backbone": cfg.model.freeze_backbone, "trainable_stages": cfg.model.trainable_stages},
+        "optimizer": {"name": cfg.optimizer.name, "lr": cfg.optimizer.lr,
+                      "backbone_lr_scale": cfg.optimizer.backbone_lr_scale},
+        "scheduler": {"name": cfg.scheduler.name, "warmup_steps": cfg.scheduler.warmup_steps},
+        "data": {"name": cfg.data.name, "image_size": cfg.data.image_size, "augment": cfg.data.augment},
+        # stopped_epoch: the last epoch trained when trainer.patience stopped the run early, else null
+        "metrics": {}, "epochs": cfg.trainer.epochs, "best_epoch": None, "stopped_epoch": None,
+        "seed": cfg.seed,
         "device": None, "warnings": [], "time": {},
     }
 
@@ -99,7 +104,7 @@ def flat(record: dict) -> dict:
     """The record's values by their contract names: `model.dense`, `optimizer.lr`, `test/acc`,
     `time.train_ms`, ... (what the aggregator's columns are keyed by)."""
     values = {key: value for key, value in record.items() if not isinstance(value, dict)}
-    for section in ("model", "optimizer", "data", "time"):
+    for section in ("model", "optimizer", "scheduler", "data", "time"):
         for key, value in (record.get(section) or {}).items():
             values[f"{section}.{key}"] = value
     values.update(record.get("metrics") or {})

@@ -5,6 +5,7 @@ only rank 0 writes; the other ranks get a board that writes nothing. `write_expe
 sweep one HParams experiment, so that TensorBoard's table opens on what the sweep varied.
 """
 
+import logging
 import math
 from pathlib import Path
 
@@ -21,20 +22,26 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torch.utils.tensorboard.summary import hparams  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
-from cxr.batches import denormalise, preprocess  # noqa: E402
-from cxr.explain import grad_cam, overlay  # noqa: E402
+from cxr.batches import Augment, denormalise, preprocess  # noqa: E402
+from cxr.explain import GradCamUnavailable, grad_cam, overlay  # noqa: E402
 from cxr.results import DECIDING_METRICS  # noqa: E402
+
+log = logging.getLogger("cxr")
 
 
 def hparams_of(cfg) -> dict:
     """The hyperparameters a run shows in the HParams dashboard (and stores in result.json)."""
-    return {"variant": cfg.variant, "model.dense": cfg.model.dense,
+    return {"variant": cfg.variant, "model.backbone": cfg.model.backbone, "model.dense": cfg.model.dense,
             "model.hidden_layers": cfg.model.hidden_layers, "model.dropout": cfg.model.dropout,
             "model.pooling": cfg.model.pooling, "model.weights": str(cfg.model.weights),
             "model.freeze_backbone": cfg.model.freeze_backbone, "optimizer.name": cfg.optimizer.name,
             "optimizer.lr": cfg.optimizer.lr, "seed": cfg.seed, "data.name": cfg.data.name,
             "data.image_size": cfg.data.image_size, "trainer.epochs": cfg.trainer.epochs,
-            "trainer.batch_size": cfg.trainer.batch_size}
+            "trainer.batch_size": cfg.trainer.batch_size,
+            "model.trainable_stages": str(cfg.model.trainable_stages),
+            "optimizer.backbone_lr_scale": cfg.optimizer.backbone_lr_scale, "scheduler.name": cfg.scheduler.name,
+            "scheduler.warmup_steps": cfg.scheduler.warmup_steps, "data.augment": cfg.data.augment,
+            "trainer.accumulate_steps": cfg.trainer.accumulate_steps}
 
 
 def _finite(value) -> bool:
@@ -57,6 +64,14 @@ class RunBoard:
                 self.writer.add_scalar(tag, value, row["epoch"])
         self.writer.flush()
 
+    def learning_rates(self, lrs: list[float], first_step: int) -> None:
+        """`train/lr`: the (head's) learning rate of each optimizer step, steps counted from 1
+        over the whole run (so warmup and schedule show as they are, whatever an epoch holds)."""
+        if self.writer is None:
+            return
+        for step, lr in enumerate(lrs, start=first_step):
+            self.writer.add_scalar("train/lr", lr, step)
+
     def test(self, metrics: dict, step: int) -> None:
         if self.writer is None:
             return
@@ -74,11 +89,13 @@ class RunBoard:
         for summary in (session_start, session_end):
             self.writer.file_writer.add_summary(summary)
 
-    def input_grid(self, images: torch.Tensor, classes: list[str], labels: torch.Tensor) -> None:
-        """The preprocessed training images as the network receives them, once per run."""
+    def input_grid(self, images: torch.Tensor, classes: list[str], labels: torch.Tensor,
+                   augment: Augment | None = None) -> None:
+        """The preprocessed training images as the network receives them (augmented, where
+        data.augment is set), once per run."""
         if self.writer is None:
             return
-        inputs = preprocess(images, channels_last=False)
+        inputs = preprocess(images, channels_last=False, augment=augment)
         self.writer.add_image("inputs/train", make_grid(denormalise(inputs).cpu(), nrow=8), 0)
         self.writer.add_text("inputs/train_labels", ", ".join(classes[i] for i in labels.tolist()), 0)
 
@@ -108,7 +125,11 @@ class RunBoard:
             return
         picks = [np.flatnonzero(labels == c)[:per_class] for c in range(len(classes))]
         cells = [(row, col, i) for row, indices in enumerate(picks) for col, i in enumerate(indices)]
-        cams, _ = grad_cam(model, preprocess(images[[i for _, _, i in cells]], channels_last=False), positive)
+        try:
+            cams, _ = grad_cam(model, preprocess(images[[i for _, _, i in cells]], channels_last=False), positive)
+        except GradCamUnavailable as reason:
+            log.info("no test/gradcam figure: %s", reason)
+            return
         fig, axes = plt.subplots(len(classes), per_class, squeeze=False,
                                  figsize=(2.2 * per_class, 2.4 * len(classes)))
         for ax in axes.flat:

@@ -24,8 +24,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cxr import results
+from cxr.batches import epoch_augment
 from cxr.checkpoint import BEST, LAST, CheckpointError, Checkpoints
-from cxr.config import CONF_DIR, ConfigError, register_configs, validate
+from cxr.config import CONF_DIR, ConfigError, effective, register_configs, validate
 from cxr.data import DataError, load_dataset, positive_index
 from cxr.engine import NonFiniteLossError, TrainingState, evaluate, train_one_epoch
 from cxr.features import TrainingView, training_view
@@ -40,6 +41,7 @@ from cxr.metrics import (
 )
 from cxr.model import WeightsError, build_model, build_optimizer
 from cxr.runtime import DeviceError, Runtime, StopSignals, cpu_threads, device_name, start, sweep_job_device
+from cxr.schedule import build_scheduler, optimizer_steps, scheduled_lr
 from cxr.tensorboard import RunBoard, hparams_of
 
 log = logging.getLogger("cxr")
@@ -66,6 +68,7 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     """
     started = time.perf_counter()
     validate(cfg)
+    cfg = effective(cfg)
     runtime = start(cfg.trainer, cfg.seed, cfg.jobs_per_gpu)
     output_dir = Path(runtime.shared(str(output_dir)))  # rank 0's Hydra dir is the real one
     record = results.new_record(cfg, overrides)
@@ -80,15 +83,22 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     model = model.to(runtime.device, memory_format=memory_format)
     view = training_view(model, splits, cfg, runtime.device, runtime.amp_dtype)
     optimizer = build_optimizer(view.module, cfg.optimizer)
-    checkpoints = Checkpoints(output_dir, model, optimizer, runtime, cfg, dataset.classes)
+    steps = optimizer_steps(micro_steps(len(view.train), runtime.world, cfg.trainer.batch_size),
+                            cfg.trainer.accumulate_steps)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, steps, cfg.trainer.epochs)
+    checkpoints = Checkpoints(output_dir, model, optimizer, scheduler, runtime, cfg, dataset.classes)
 
     state = resume_or_start(checkpoints, cfg)
     board = RunBoard(output_dir, state.epoch + 1, runtime.is_main)
-    if state.epoch == 0 and cfg.trainer.tensorboard_images:
-        board.input_grid(splits[0].images[:32], dataset.classes, splits[0].labels[:32])
+    if state.epoch == 0 and cfg.trainer.tensorboard_images:  # as epoch 1 sees them, augmented
+        augment = epoch_augment(cfg.data.augment, cfg.data.hflip, cfg.seed, 1, runtime.device)
+        board.input_grid(splits[0].images[:32], dataset.classes, splits[0].labels[:32], augment)
+    if state.epoch > 0:  # resuming purged the events from step epoch+1 on: the earlier steps' lrs too
+        board.learning_rates([scheduled_lr(scheduler, i) for i in range(state.epoch, state.epoch * steps)],
+                             first_step=state.epoch + 1)
     trained = runtime.wrap(view.module, cfg.trainer.compile)
     with cpu_threads(view.cpu_threads, runtime.device):
-        fit(trained, optimizer, view, checkpoints, state, board, cfg, runtime, dataset.positive_index)
+        fit(trained, optimizer, scheduler, view, checkpoints, state, board, cfg, runtime, dataset.positive_index)
         threshold = checkpoints.load_best()
         test_loss, probs, labels = evaluate(trained, view.eval_inputs(view.test, cfg.trainer.eval_batch_size,
                                                                       runtime.rank, runtime.world),
@@ -116,24 +126,37 @@ def resume_or_start(checkpoints: Checkpoints, cfg) -> TrainingState:
     return TrainingState()
 
 
-def fit(module, optimizer, view: TrainingView, checkpoints: Checkpoints, state: TrainingState,
+def micro_steps(images: int, world: int, batch_size: int) -> int:
+    """Batches per epoch of each rank (DistributedSampler gives each an equal share)."""
+    return math.ceil(math.ceil(images / world) / batch_size)
+
+
+def fit(module, optimizer, scheduler, view: TrainingView, checkpoints: Checkpoints, state: TrainingState,
         board: RunBoard, cfg, runtime: Runtime, positive: int) -> None:
-    """Epochs state.epoch+1 .. trainer.epochs: train, validate, keep last.pt and the best epoch."""
+    """Epochs state.epoch+1 .. trainer.epochs: train, validate, keep last.pt and the best epoch;
+    with trainer.patience, stop once trainer.monitor has not improved for that many epochs."""
     trainer = cfg.trainer
-    steps = math.ceil(math.ceil(len(view.train) / runtime.world) / trainer.batch_size)
+    steps = micro_steps(len(view.train), runtime.world, trainer.batch_size)
     sign = -1.0 if trainer.monitor == "val/loss" else 1.0
     if state.epoch == 0:  # the state before any training: a run stopped in epoch 1 resumes from here
         checkpoints.save_last(state)
+    if state.stopped_epoch is not None:  # resumed after early stopping: only the test is left
+        return
     with StopSignals() as stop:
         for epoch in range(state.epoch + 1, trainer.epochs + 1):
             epoch_start = time.perf_counter()
             train = train_one_epoch(
-                module, optimizer, view.train_inputs(trainer.batch_size, epoch, cfg.seed, cfg.data.augment,
-                                                     runtime.rank, runtime.world),
+                module, optimizer, view.train_inputs(
+                    trainer.batch_size, epoch, cfg.seed,
+                    epoch_augment(cfg.data.augment, cfg.data.hflip, cfg.seed, epoch, runtime.device),
+                    runtime.rank, runtime.world),
                 device=runtime.device, epoch=epoch, amp_dtype=runtime.amp_dtype, scaler=runtime.scaler,
                 grad_clip=trainer.grad_clip, log_every=trainer.log_every, total=steps,
-                progress=trainer.progress and runtime.is_main, should_stop=lambda: stop.received is not None)
+                progress=trainer.progress and runtime.is_main, should_stop=lambda: stop.received is not None,
+                scheduler=scheduler, accumulate_steps=trainer.accumulate_steps)
             raise_if_stopped(stop, state, checkpoints)
+            lrs = train.pop("lrs")
+            board.learning_rates(lrs, first_step=scheduler.last_epoch - len(lrs) + 1)
             val_loss, val_probs, val_labels = evaluate(
                 module, view.eval_inputs(view.val, trainer.eval_batch_size, runtime.rank, runtime.world),
                 device=runtime.device, amp_dtype=runtime.amp_dtype)
@@ -146,10 +169,16 @@ def fit(module, optimizer, view: TrainingView, checkpoints: Checkpoints, state: 
                      epoch, trainer.epochs, row["train/loss"], row["train/acc"], val_loss,
                      row["val/acc"], row["val/auroc"], "  *best*" if improved else "")
             board.epoch(row)
+            if epoch < trainer.epochs and state.patience_spent(trainer.patience):
+                state.stopped_epoch = epoch
+                log.info("stopping after epoch %d: %s has not improved for %d epoch(s) since epoch %d",
+                         epoch, trainer.monitor, trainer.patience, state.best_epoch)
             checkpoints.save_last(state)  # last.pt first: stopped between the two, a resume rebuilds best.pt
             if improved:
                 checkpoints.save_best(epoch, threshold)
             runtime.barrier()
+            if state.stopped_epoch is not None:
+                break
         raise_if_stopped(stop, state, checkpoints)  # a signal during the last validation: no test
 
 
@@ -172,7 +201,7 @@ def complete(record: dict, state: TrainingState, threshold: float, test_loss: fl
     for warning in warnings:
         log.warning("%s: the model has not learned to tell the classes apart", warning)
     record.update(
-        status=results.OK, best_epoch=state.best_epoch, threshold=threshold,
+        status=results.OK, best_epoch=state.best_epoch, stopped_epoch=state.stopped_epoch, threshold=threshold,
         metrics={**{k: v for k, v in best_row.items() if k != "epoch"},
                  **results.split_metrics("test", test_loss, test_metrics),
                  **results.at_reference_threshold(scalar_metrics(labels, probs, 0.5, positive))},

@@ -73,7 +73,7 @@ def test_frozen_run_computes_features_once_and_reuses_them(frozen_cfg, tmp_path,
         build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed).backbone)
 
     with caplog.at_level(logging.WARNING, logger="cxr.features"):
-        second = run(frozen_cfg("data.augment=true"), tmp_path / "second")
+        second = run(frozen_cfg("data.augment=light"), tmp_path / "second")
     assert second["status"] == "ok"
     assert len(count_extractions) == 3, "the second run recomputed features"
     assert feature_files(cfg) == written, "the second run rewrote the feature files"
@@ -99,12 +99,12 @@ def test_key_follows_weights_size_pooling_and_precision(tmp_path):
 
     def digest(seed, weights=None):
         torch.manual_seed(seed)
-        return weights_digest(build_backbone(weights, "flatten"))
+        return weights_digest(build_backbone("resnet50", weights, "flatten", 32))
 
     seed0 = digest(0)
     assert digest(0) == seed0 and digest(1) != seed0  # random init: the seed is part of the key
     torch.manual_seed(0)
-    torch.save(build_backbone(None, "flatten").state_dict(), tmp_path / "w.pt")
+    torch.save(build_backbone("resnet50", None, "flatten", 32).state_dict(), tmp_path / "w.pt")
     assert digest(1, str(tmp_path / "w.pt")) == seed0  # a weights file: keyed by what it holds
 
     key = features.feature_key(split, 32, seed0, "flatten", None)

@@ -28,9 +28,12 @@ def test_result_json_follows_the_contract(smoke_run):
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "ok" and result["error"] is None
     assert result["overrides"] == ["debug=smoke"]
-    assert result["model"] == {"dense": 8, "hidden_layers": 1, "dropout": 0.5, "pooling": "flatten",
-                               "weights": None, "freeze_backbone": False}
-    assert result["optimizer"] == {"name": "adam", "lr": 1e-4}
+    assert result["model"] == {"backbone": "resnet50", "dense": 8, "hidden_layers": 1, "dropout": 0.5,
+                               "pooling": "flatten", "weights": None, "freeze_backbone": False,
+                               "trainable_stages": None}
+    assert result["optimizer"] == {"name": "adam", "lr": 1e-4, "backbone_lr_scale": 1.0}
+    assert result["scheduler"] == {"name": "none", "warmup_steps": 0}
+    assert result["stopped_epoch"] is None
     assert result["data"]["name"] == "synthetic" and result["data"]["image_size"] == 32
     assert result["data"]["skipped_files"] == 0
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/auroc", "test/loss", "test/acc",

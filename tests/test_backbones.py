@@ -46,7 +46,7 @@ def test_flatten_keeps_the_spatial_map_where_there_is_one(make_cfg):
     (("model=vit_b_16", "data.image_size=40"), r"multiple of 16 for vit_b_16"),
     (("model.trainable_stages=-1",), r"model.trainable_stages must be null or >= 0"),
     # the embedded dataset freezes the backbone: asking to train part of it must say so
-    (("model.trainable_stages=2",), r"model.trainable_stages=2 trains part of the backbone: pass model.freeze_backbone=false"),
+    (("model.trainable_stages=2",), r"trainable_stages=2 trains part of the backbone: pass model.freeze_backbone"),
     (("optimizer.backbone_lr_scale=0.1",), r"backbone_lr_scale=0.1 .* pass model.freeze_backbone=false"),
 ])
 def test_impossible_choices_are_one_line_errors(make_cfg, overrides, message):

@@ -134,3 +134,35 @@ def test_zero_backbone_rate_or_stages_is_the_frozen_backbone(make_cfg, override)
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert isinstance(build_optimizer(model.top(), cfg.optimizer), torch.optim.Adam)
     assert not isinstance(model.backbone, nn.Sequential)
+
+
+@pytest.mark.slow
+def test_six_backbone_sweep_then_predict_and_grad_cam_on_each(tmp_path, embedded_root):
+    """The issue's acceptance: a smoke sweep over six families, each best.pt predicted with
+    Grad-CAM overlays (vit: refused in one line, predictions without them)."""
+    import csv
+    import subprocess
+    import sys
+
+    from cxr.predict import main as predict
+    from tests.conftest import REPO
+
+    names = ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "convnext_tiny", "vit_b_16")
+    sweep = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "cxr.train", "-m", f"model={','.join(names)}", "debug=smoke",
+                           "trainer.bootstrap=0", f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "results.csv")))
+    assert [row["status"] for row in rows] == ["ok"] * 6
+    images = embedded_root / "test" / "NORMAL"
+    for name in names:
+        best = next(sweep.glob(f"*model={name}")) / "best.pt"
+        cams = tmp_path / f"cams-{name}"
+        args = [f"checkpoint={best}", f"inputs={images}", f"output={tmp_path / name}.csv"]
+        if name == "vit_b_16":
+            assert predict([*args, f"gradcam={cams}"]) == 1 and not cams.exists()
+            assert predict(args) == 0
+        else:
+            assert predict([*args, f"gradcam={cams}"]) == 0
+            assert len(list(cams.glob("*.png"))) == len(list(images.iterdir()))

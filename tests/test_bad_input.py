@@ -124,8 +124,7 @@ def test_split_without_readable_images_is_named(dataset, cfg_for, tmp_path):
 def test_image_size_too_small_fails_before_any_work(make_cfg, tmp_path):
     result = run_safely(make_cfg("debug=smoke", "data.image_size=16"), tmp_path, [])
     assert result["status"] == "failed"
-    assert failure(tmp_path) == ("data.image_size must be >= 32 for ResNet50 (it downsamples 32x), "
-                                 "got 16")
+    assert failure(tmp_path) == "data.image_size must be >= 32 (the backbones downsample 32x), got 16"
     assert written(tmp_path) == ["result.json"]
 
 

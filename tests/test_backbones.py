@@ -157,7 +157,7 @@ def test_six_backbone_sweep_then_predict_and_grad_cam_on_each(tmp_path, embedded
     assert [row["status"] for row in rows] == ["ok"] * 6
     images = embedded_root / "test" / "NORMAL"
     for name in names:
-        best = next(sweep.glob(f"*model={name}")) / "best.pt"
+        best = next(sweep.glob(f"*_model={name},*")) / "best.pt"  # 0_model=resnet18,trainer.bootstrap=0
         cams = tmp_path / f"cams-{name}"
         args = [f"checkpoint={best}", f"inputs={images}", f"output={tmp_path / name}.csv"]
         if name == "vit_b_16":

@@ -46,6 +46,9 @@ def new_record(cfg, overrides) -> dict:
         "data": {"name": cfg.data.name, "image_size": cfg.data.image_size},
         "metrics": {}, "epochs": cfg.trainer.epochs, "best_epoch": None, "seed": cfg.seed,
         "device": None, "warnings": [], "time": {},
+        # the most memory the run's tensors held on its GPU (MiB; null off CUDA): what packing
+        # several sweep jobs on one GPU must fit
+        "peak_gpu_memory_mb": None,
     }
 
 

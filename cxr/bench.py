@@ -21,6 +21,8 @@ hits them alike, and every figure is a median.
 """
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -180,6 +182,22 @@ def training_setup(cfg, split: Split, device: torch.device):
     return model, view, build_optimizer(view.module, cfg.optimizer), amp_dtype, scaler
 
 
+def trainer_run(split: Split, cfg, device: torch.device, compile_model: bool = False) -> Callable[[], None]:
+    """One epoch of the real trainer per call, on `split` (on `device`), built as cxr.train builds
+    it; compiled as `trainer.compile=true` compiles it (Runtime.wrap) if asked."""
+    _, view, optimizer, amp_dtype, scaler = training_setup(cfg, split, device)
+    if compile_model:
+        view = dataclasses.replace(view, module=torch.compile(view.module))
+    epochs = itertools.count(1)
+    return lambda: trainer_epoch(view, optimizer, cfg, device, amp_dtype, scaler, next(epochs))
+
+
+def sized(split: Split, count: int) -> Split:
+    """`count` images of the split, its images repeated as often as needed."""
+    copies = math.ceil(count / len(split))
+    return Split(split.images.repeat(copies, 1, 1, 1)[:count], split.labels.repeat(copies)[:count], [])
+
+
 def bench_train(split: Split, cfg, device: torch.device, repeats: int) -> dict:
     """Both loops over the same few batches: short timings, so that many alternate in a minute."""
     batch, n = cfg.trainer.batch_size, len(split)
@@ -230,6 +248,19 @@ def kaggle_layout(items, folder: Path) -> Path:
     return folder
 
 
+def run_sweep(overrides: list[str], sweep_dir: Path) -> tuple[float, list[dict]]:
+    """A real multirun as a user starts it (`python -m cxr.train -m ...`) in a subprocess: its
+    wall seconds and its jobs' result records in job order ({} for a job that wrote none)."""
+    command = [sys.executable, "-m", "cxr.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(CONF_DIR).parent)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        print(done.stdout[-2000:] + done.stderr[-2000:])
+    jobs = sorted((job for job in sweep_dir.glob("*_*") if job.is_dir()), key=lambda job: int(job.name.split("_")[0]))
+    return seconds, [results.read(job) or {} for job in jobs]
+
+
 def bench_frozen(items, size: int, variants: list[str], cfg, args, device: torch.device, work: Path) -> dict:
     """One backbone pass over the images vs the reference's head variants as the real sweep a user
     runs (`python -m cxr.train -m experiment=... model.freeze_backbone=true`), with every per-job
@@ -242,39 +273,27 @@ def bench_frozen(items, size: int, variants: list[str], cfg, args, device: torch
                        "bench").to(device)
     extract(model.backbone, Split(split.images[:8], split.labels[:8], []), 8, device, amp_dtype, True)  # warm-up
     one_pass = timed(lambda: extract(model.backbone, split, 128, device, amp_dtype, True), device)
-    sweep_dir = work / "sweep"
-    command = [sys.executable, "-m", "cxr.train", "-m", f"experiment={','.join(variants)}",
-               "model.freeze_backbone=true", "model.weights=null", "data=chest_xray", f"data.root={root}",
-               f"data.image_size={size}", f"data.cache_dir={work / 'sweep-cache'}",
-               f"trainer.epochs={args.head_epochs}", f"trainer.batch_size={args.batch_size}",
-               f"trainer.device={device}", "trainer.progress=false", f"hydra.sweep.dir={sweep_dir}"]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(CONF_DIR).parent)
-    sweep_s = time.perf_counter() - started
-    records = [results.read(job) or {} for job in sweep_dir.glob("*_*")]
+    sweep_s, records = run_sweep([f"experiment={','.join(variants)}", "model.freeze_backbone=true",
+                                  "model.weights=null", "data=chest_xray", f"data.root={root}",
+                                  f"data.image_size={size}", f"data.cache_dir={work / 'sweep-cache'}",
+                                  f"trainer.epochs={args.head_epochs}", f"trainer.batch_size={args.batch_size}",
+                                  f"trainer.device={device}", "trainer.progress=false"], work / "sweep")
     jobs_ok = sum(record.get("status") == results.OK for record in records)
-    if done.returncode != 0:
-        print(done.stdout[-2000:] + done.stderr[-2000:])
     return {"size": size, "images": len(items), "train_images": len(split), "variants": variants,
             "epochs": args.head_epochs, "jobs_ok": jobs_ok, "one_backbone_pass_s": one_pass,
             "sweep_s": sweep_s, "per_job_beyond_one_pass_s": (sweep_s - one_pass) / len(variants),
             "sweep_vs_one_pass": sweep_s / one_pass}
 
 
-def bench_gpu(split: Split, cfg, device: torch.device, repeats: int, min_images: int) -> dict:
+def bench_gpu(split: Split, cfg, device: torch.device, repeats: int, images: int) -> dict:
     """The real trainer on the GPU at the seed's resolution, on enough images for long epochs."""
-    copies = math.ceil(min_images / len(split))
-    split = Split(split.images.repeat(copies, 1, 1, 1), split.labels.repeat(copies), []).to(device)
-    _, view, optimizer, amp_dtype, scaler = training_setup(cfg, split, device)
-    epochs = iter(range(1, repeats + 3))
-
-    def epoch():
-        trainer_epoch(view, optimizer, cfg, device, amp_dtype, scaler, next(epochs))
-
+    split = sized(split, images).to(device)
+    epoch = trainer_run(split, cfg, device)
     epoch()  # warm-up: cudnn.benchmark tries its kernels on the first batches
     s = side_by_side({"trainer": epoch}, repeats, device)
     return {"size": split.images.shape[-1], "batch_size": cfg.trainer.batch_size,
-            "images": len(split), "amp": str(amp_dtype), "channels_last": cfg.trainer.channels_last,
+            "images": len(split), "amp": str(amp_setup(cfg.trainer.amp, device)[0]),
+            "channels_last": cfg.trainer.channels_last,
             "trainer_img_s": len(split) / s["trainer"],
             "busy_fraction": busy_fraction(epoch, device)}
 
@@ -322,12 +341,16 @@ def describe(device: torch.device, source: Path, items) -> dict:
                        "mean_megapixels": float(np.mean(megapixels))}}
 
 
-def run_sections(args, device: torch.device, work: Path) -> dict:
-    """Every section on the same images, each printed as it finishes."""
+def compose_train(overrides: list[str]):
+    """conf/train.yaml with `overrides`, as `python -m cxr.train` composes it."""
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["model.weights=null", f"trainer.batch_size={args.batch_size}",
-                                          f"data.cache_dir={work}"])
+        return compose("train", overrides=overrides)
+
+
+def run_sections(args, device: torch.device, work: Path) -> dict:
+    """Every section on the same images, each printed as it finishes."""
+    cfg = compose_train(["model.weights=null", f"trainer.batch_size={args.batch_size}", f"data.cache_dir={work}"])
     shared = os.environ.get("CXR_SHARED_DATA")
     source = args.images or (Path(shared) / "cxr-fullres" if shared else None)
     if source is None:

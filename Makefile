@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install install-ray train sweep test test-all bench tensorboard lint clean
+.PHONY: install install-ray train sweep test test-all bench gpu-check wheels tensorboard lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,16 @@ test-all: install  ## everything, the slow end-to-end checks too (CI runs this)
 
 bench: install
 	$(PY) -m cxr.bench $(ARGS)
+
+gpu-check: install  ## the one script to run on a GPU machine: outputs/bench/gpu_suite.json (README)
+	$(PY) -m cxr.bench --gpu-suite $(ARGS)
+
+# Hydra as pure-Python wheels in .whl/ (git-ignored), the versions installed here, for a GPU
+# machine that has torch but neither Hydra nor a network (antlr4's 4.9.3 is built from its sdist)
+wheels: install
+	rm -rf .whl
+	$(PY) -m pip freeze | grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime|hydra-joblib-launcher)==' \
+	  | xargs $(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps -w .whl
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir outputs

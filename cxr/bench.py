@@ -18,9 +18,18 @@ originals in $CXR_SHARED_DATA/cxr-fullres when set, else generated ones of their
 per pixel; the few files are repeated through symlinks to --count so timings are stable. The
 alternatives of a section alternate within each of --repeats rounds, so noise from other processes
 hits them alike, and every figure is a median.
+
+`--gpu-suite` runs the GPU check instead, the one script to run where a GPU is lent (see
+GPU_SUITE_KEYS for its JSON): the real trainer's img/s at 224 px in fp32, bf16, bf16 +
+channels_last and under torch.compile, the GPU's busy fraction, and the seed-scale sweep (seven
+variants on 5,216 generated images) timed at 1, 2 and 4 jobs per GPU and on the frozen-backbone
+path, with each job's peak GPU memory. With --quick it runs the same sections at toy size on a CPU.
 """
 
 import argparse
+import dataclasses
+import gc
+import itertools
 import json
 import math
 import os
@@ -30,14 +39,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -47,7 +59,7 @@ from torchvision import datasets, transforms
 from cxr import results
 from cxr.batches import preprocess, train_batches
 from cxr.config import CONF_DIR, register_configs
-from cxr.data import Split, find_classes, list_files, load_split, subset
+from cxr.data import Split, find_classes, list_files, load_dataset, load_split, subset
 from cxr.engine import autocast, train_one_epoch
 from cxr.features import TrainingView, extract, training_view
 from cxr.model import build_model, build_optimizer
@@ -180,6 +192,22 @@ def training_setup(cfg, split: Split, device: torch.device):
     return model, view, build_optimizer(view.module, cfg.optimizer), amp_dtype, scaler
 
 
+def trainer_run(split: Split, cfg, device: torch.device, compile_model: bool = False) -> Callable[[], None]:
+    """One epoch of the real trainer per call, on `split` (on `device`), built as cxr.train builds
+    it; compiled as `trainer.compile=true` compiles it (Runtime.wrap) if asked."""
+    _, view, optimizer, amp_dtype, scaler = training_setup(cfg, split, device)
+    if compile_model:
+        view = dataclasses.replace(view, module=torch.compile(view.module))
+    epochs = itertools.count(1)
+    return lambda: trainer_epoch(view, optimizer, cfg, device, amp_dtype, scaler, next(epochs))
+
+
+def sized(split: Split, count: int) -> Split:
+    """`count` images of the split, its images repeated as often as needed."""
+    copies = math.ceil(count / len(split))
+    return Split(split.images.repeat(copies, 1, 1, 1)[:count], split.labels.repeat(copies)[:count], [])
+
+
 def bench_train(split: Split, cfg, device: torch.device, repeats: int) -> dict:
     """Both loops over the same few batches: short timings, so that many alternate in a minute."""
     batch, n = cfg.trainer.batch_size, len(split)
@@ -230,6 +258,19 @@ def kaggle_layout(items, folder: Path) -> Path:
     return folder
 
 
+def run_sweep(overrides: list[str], sweep_dir: Path) -> tuple[float, list[dict]]:
+    """A real multirun as a user starts it (`python -m cxr.train -m ...`) in a subprocess: its
+    wall seconds and its jobs' result records in job order ({} for a job that wrote none)."""
+    command = [sys.executable, "-m", "cxr.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(CONF_DIR).parent)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        print(done.stdout[-2000:] + done.stderr[-2000:])
+    jobs = sorted((job for job in sweep_dir.glob("*_*") if job.is_dir()), key=lambda job: int(job.name.split("_")[0]))
+    return seconds, [results.read(job) or {} for job in jobs]
+
+
 def bench_frozen(items, size: int, variants: list[str], cfg, args, device: torch.device, work: Path) -> dict:
     """One backbone pass over the images vs the reference's head variants as the real sweep a user
     runs (`python -m cxr.train -m experiment=... model.freeze_backbone=true`), with every per-job
@@ -242,41 +283,248 @@ def bench_frozen(items, size: int, variants: list[str], cfg, args, device: torch
                        "bench").to(device)
     extract(model.backbone, Split(split.images[:8], split.labels[:8], []), 8, device, amp_dtype, True)  # warm-up
     one_pass = timed(lambda: extract(model.backbone, split, 128, device, amp_dtype, True), device)
-    sweep_dir = work / "sweep"
-    command = [sys.executable, "-m", "cxr.train", "-m", f"experiment={','.join(variants)}",
-               "model.freeze_backbone=true", "model.weights=null", "data=chest_xray", f"data.root={root}",
-               f"data.image_size={size}", f"data.cache_dir={work / 'sweep-cache'}",
-               f"trainer.epochs={args.head_epochs}", f"trainer.batch_size={args.batch_size}",
-               f"trainer.device={device}", "trainer.progress=false", f"hydra.sweep.dir={sweep_dir}"]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(CONF_DIR).parent)
-    sweep_s = time.perf_counter() - started
-    records = [results.read(job) or {} for job in sweep_dir.glob("*_*")]
+    sweep_s, records = run_sweep([f"experiment={','.join(variants)}", "model.freeze_backbone=true",
+                                  "model.weights=null", "data=chest_xray", f"data.root={root}",
+                                  f"data.image_size={size}", f"data.cache_dir={work / 'sweep-cache'}",
+                                  f"trainer.epochs={args.head_epochs}", f"trainer.batch_size={args.batch_size}",
+                                  f"trainer.device={device}", "trainer.progress=false"], work / "sweep")
     jobs_ok = sum(record.get("status") == results.OK for record in records)
-    if done.returncode != 0:
-        print(done.stdout[-2000:] + done.stderr[-2000:])
     return {"size": size, "images": len(items), "train_images": len(split), "variants": variants,
             "epochs": args.head_epochs, "jobs_ok": jobs_ok, "one_backbone_pass_s": one_pass,
             "sweep_s": sweep_s, "per_job_beyond_one_pass_s": (sweep_s - one_pass) / len(variants),
             "sweep_vs_one_pass": sweep_s / one_pass}
 
 
-def bench_gpu(split: Split, cfg, device: torch.device, repeats: int, min_images: int) -> dict:
+def bench_gpu(split: Split, cfg, device: torch.device, repeats: int, images: int) -> dict:
     """The real trainer on the GPU at the seed's resolution, on enough images for long epochs."""
-    copies = math.ceil(min_images / len(split))
-    split = Split(split.images.repeat(copies, 1, 1, 1), split.labels.repeat(copies), []).to(device)
-    _, view, optimizer, amp_dtype, scaler = training_setup(cfg, split, device)
-    epochs = iter(range(1, repeats + 3))
-
-    def epoch():
-        trainer_epoch(view, optimizer, cfg, device, amp_dtype, scaler, next(epochs))
-
+    split = sized(split, images).to(device)
+    epoch = trainer_run(split, cfg, device)
     epoch()  # warm-up: cudnn.benchmark tries its kernels on the first batches
     s = side_by_side({"trainer": epoch}, repeats, device)
     return {"size": split.images.shape[-1], "batch_size": cfg.trainer.batch_size,
-            "images": len(split), "amp": str(amp_dtype), "channels_last": cfg.trainer.channels_last,
+            "images": len(split), "amp": str(amp_setup(cfg.trainer.amp, device)[0]),
+            "channels_last": cfg.trainer.channels_last,
             "trainer_img_s": len(split) / s["trainer"],
             "busy_fraction": busy_fraction(epoch, device)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU check (--gpu-suite): the one prepared script to run where a GPU is lent
+
+
+@dataclass(frozen=True)
+class SuiteScale:
+    """How much the GPU suite runs. FULL is the seed's data scale (5,216 train and 624 test images
+    at 224 px, seven variants), sized for under 10 minutes on an H100-class GPU: the full-network
+    sweeps run 2 of the seed's 20 epochs (each job's time beyond them is per-job cost, the same at
+    20), the frozen-backbone sweep all 20 (its heads train in seconds). QUICK runs every section at
+    toy size on a CPU, so that the script is known to work before a GPU is spent on it."""
+
+    image_size: int
+    train_images: int  # generated; validation is carved out of them by patient (10%), as from Kaggle's
+    test_images: int
+    batch_size: int
+    trainer_images: int  # per timed trainer epoch; a multiple of batch_size: torch.compile sees one shape
+    repeats: int  # timed epochs per trainer variant (their median counts)
+    sweep_epochs: int
+    frozen_epochs: int
+    jobs_per_gpu: tuple[int, ...]
+
+
+FULL = SuiteScale(224, 5216, 624, 32, 2048, 3, 2, 20, (1, 2, 4))
+QUICK = SuiteScale(64, 64, 32, 8, 8, 1, 1, 2, (1, 2))
+# the trainer's precision variants: name -> (trainer.amp, trainer.channels_last, torch.compile)
+TRAINER_VARIANTS = {"fp32": ("off", False, False), "bf16": ("bf16", False, False),
+                    "bf16_channels_last": ("bf16", True, False), "compile": ("bf16", True, True)}
+# the timed sweeps of the seven variants: name -> (jobs_per_gpu, model.freeze_backbone)
+SUITE_SWEEPS = {"jobs_per_gpu_1": (1, False), "jobs_per_gpu_2": (2, False), "jobs_per_gpu_4": (4, False),
+                "frozen": (1, True)}
+SWEEP_KEYS = ("jobs_per_gpu", "freeze_backbone", "epochs", "jobs", "jobs_ok", "sweep_s", "train_s",
+              "gpu_busy_fraction", "peak_gpu_memory_mb")
+# every key of the suite's JSON, on any device (dotted paths): a value that could not be measured
+# is null, and `skipped` holds why under its path or a prefix of it
+GPU_SUITE_KEYS = ("device", "torch", "quick", "scale", "data_prep_s",
+                  *(f"trainer_img_s.{name}" for name in TRAINER_VARIANTS), "compile_s", "busy_fraction",
+                  *(f"sweeps.{name}.{key}" for name in SUITE_SWEEPS for key in SWEEP_KEYS),
+                  "all_jobs_ok", "skipped", "total_s")
+NO_CUDA = "no CUDA device"
+
+
+class BusySampler:
+    """Mean GPU busy fraction while the block runs: torch.cuda.utilization (NVML: the share of the
+    last sample period in which any kernel ran on the GPU) read every `every` seconds. NVML sees
+    the sweep's worker processes, which a profiler in this process cannot."""
+
+    def __init__(self, device: torch.device, every: float = 0.5):
+        self.device, self.every = device, every
+        self.samples: list[float] = []
+        self.reason: str | None = NO_CUDA if device.type != "cuda" else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "BusySampler":
+        if self.reason is None:
+            try:
+                torch.cuda.utilization(self.device)
+            except Exception as error:  # no NVML bindings, or a driver that does not answer them
+                self.reason = f"torch.cuda.utilization: {type(error).__name__}: {error}".splitlines()[0]
+            else:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(torch.cuda.utilization(self.device) / 100)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            if not self.samples:
+                self.reason = "the block ended before the first sample"
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.samples) if self.samples else None
+
+
+def suite_overrides(scale: SuiteScale, device: torch.device, work: Path) -> list[str]:
+    """What the suite's runs change in conf/train.yaml: the embedded dataset at the suite's scale
+    (generated and decoded once into work/cache, which every sweep job reads), random init (a bare
+    GPU machine has no network for ImageNet weights)."""
+    return [f"data.image_size={scale.image_size}", f"data.synthetic.train={scale.train_images}",
+            "data.synthetic.val=4", f"data.synthetic.test={scale.test_images}",  # val: carved from train
+            f"data.cache_dir={work / 'cache'}", "model.weights=null", f"trainer.batch_size={scale.batch_size}",
+            f"trainer.device={device}", "trainer.progress=false"]
+
+
+def variant_run(split: Split, cfg, device: torch.device, name: str) -> Callable[[], None]:
+    """trainer_run in one of TRAINER_VARIANTS."""
+    amp, channels_last, compile_model = TRAINER_VARIANTS[name]
+    cfg = OmegaConf.merge(cfg, {"trainer": {"amp": amp, "channels_last": channels_last}})
+    return trainer_run(split, cfg, device, compile_model)
+
+
+def suite_trainer(split: Split, cfg, device: torch.device, scale: SuiteScale, report: dict) -> None:
+    """img/s of the real trainer's epoch in fp32, bf16 and bf16 + channels_last, side by side, and
+    the GPU's busy fraction in the last (the trainer's default on CUDA). Compile comes last."""
+    split = sized(split, scale.trainer_images).to(device)
+    epochs = {name: variant_run(split, cfg, device, name) for name in ("fp32", "bf16", "bf16_channels_last")}
+    for epoch in epochs.values():
+        epoch()  # warm-up: cudnn.benchmark tries its kernels on the first batches
+    seconds = side_by_side(epochs, scale.repeats, device)
+    report["trainer_img_s"] = {**{name: len(split) / s for name, s in seconds.items()}, "compile": None}
+    if device.type == "cuda":
+        report["busy_fraction"] = busy_fraction(epochs["bf16_channels_last"], device)
+    else:
+        report["busy_fraction"] = None
+        report["skipped"]["busy_fraction"] = f"{NO_CUDA}: the share of wall time a GPU runs kernels"
+    shown = "  ".join(f"{name} {value:.4g}" for name, value in report["trainer_img_s"].items() if value)
+    print(f"trainer img/s @{scale.image_size} px  {shown}  busy fraction {report['busy_fraction']}", flush=True)
+
+
+def suite_sweep(name: str, scale: SuiteScale, overrides: list[str], device: torch.device, work: Path,
+                skipped: dict) -> dict:
+    """The seven variants as the real multirun on the per_gpu launcher (`jobs_per_gpu` side by side
+    on each GPU; on a CPU, side by side on it), its wall time, the GPU's busy fraction meanwhile and
+    each job's peak GPU memory from its result.json."""
+    jobs_per_gpu, frozen = SUITE_SWEEPS[name]
+    epochs = scale.frozen_epochs if frozen else scale.sweep_epochs
+    variants = head_variants()
+    with BusySampler(device) as busy:
+        seconds, records = run_sweep([f"experiment={','.join(variants)}", "hydra/launcher=per_gpu",
+                                      f"jobs_per_gpu={jobs_per_gpu}", f"model.freeze_backbone={str(frozen).lower()}",
+                                      f"trainer.epochs={epochs}", *overrides], work / f"sweep-{name}")
+    peaks = [record.get("peak_gpu_memory_mb") for record in records]
+    figures = {"jobs_per_gpu": jobs_per_gpu, "freeze_backbone": frozen, "epochs": epochs, "jobs": len(variants),
+               "jobs_ok": sum(record.get("status") == results.OK for record in records), "sweep_s": seconds,
+               "train_s": sum((record.get("time") or {}).get("train_ms", 0) for record in records) / 1000,
+               "gpu_busy_fraction": busy.mean,
+               "peak_gpu_memory_mb": peaks if any(peak is not None for peak in peaks) else None}
+    if busy.reason:
+        skipped[f"sweeps.{name}.gpu_busy_fraction"] = busy.reason
+    if figures["peak_gpu_memory_mb"] is None:
+        skipped[f"sweeps.{name}.peak_gpu_memory_mb"] = NO_CUDA if device.type != "cuda" else "no job recorded it"
+    print(f"sweep {name:15s} {figures['jobs_ok']}/{figures['jobs']} ok  {seconds:.1f} s (train "
+          f"{figures['train_s']:.1f} s, {epochs} epochs)  busy {busy.mean}  peak MiB {peaks}", flush=True)
+    return figures
+
+
+def suite_compile(split: Split, cfg, device: torch.device, scale: SuiteScale, report: dict) -> None:
+    """The bf16 channels_last trainer under torch.compile: its first epoch (compilation included)
+    and the median img/s of the next. Last, being the slowest section and the likeliest to fail."""
+    report["compile_s"] = None
+    if device.type != "cuda":
+        reason = f"{NO_CUDA}: on a CPU torch.compile took 93 s to compile a ResNet50 and gained nothing"
+    else:
+        split = sized(split, scale.trainer_images).to(device)
+        epoch = variant_run(split, cfg, device, "compile")
+        try:
+            compile_s = timed(epoch, device)
+            seconds = side_by_side({"compile": epoch}, scale.repeats, device)["compile"]
+        except Exception as error:  # a compiler failure is a finding of the check, not its end
+            reason = f"torch.compile failed: {type(error).__name__}: {error}".splitlines()[0]
+        else:
+            report["compile_s"], report["trainer_img_s"]["compile"] = compile_s, len(split) / seconds
+            print(f"compile: first epoch {compile_s:.1f} s, then {len(split) / seconds:.4g} img/s")
+            return
+    report["skipped"]["compile_s"] = report["skipped"]["trainer_img_s.compile"] = reason
+
+
+def run_suite(scale: SuiteScale, device: torch.device, work: Path, report: dict, out: Path) -> None:
+    """Data, trainer, sweeps, compile; the JSON is rewritten after each, so that a run stopped at a
+    time limit still leaves what it measured."""
+    overrides = suite_overrides(scale, device, work)
+    cfg = compose_train([*overrides, "model.freeze_backbone=false"])
+    started = time.perf_counter()
+    train = load_dataset(cfg.data).train  # generated, decoded and cached: the sweeps read the cache
+    report["data_prep_s"] = time.perf_counter() - started
+    print(f"data: {scale.train_images} + {scale.test_images} images generated and decoded at "
+          f"{scale.image_size} px in {report['data_prep_s']:.1f} s", flush=True)
+    suite_trainer(train, cfg, device, scale, report)
+    save_json(report, out)
+    if device.type == "cuda":  # the sweep jobs get the memory the trainer section held here
+        gc.collect()
+        torch.cuda.empty_cache()
+    report["sweeps"] = {}
+    for name, (jobs_per_gpu, _) in SUITE_SWEEPS.items():
+        if jobs_per_gpu in scale.jobs_per_gpu:
+            report["sweeps"][name] = suite_sweep(name, scale, overrides, device, work, report["skipped"])
+        else:
+            report["sweeps"][name] = dict.fromkeys(SWEEP_KEYS)
+            timed_ks = " and ".join(map(str, scale.jobs_per_gpu))
+            report["skipped"][f"sweeps.{name}"] = f"--quick times jobs_per_gpu {timed_ks} only"
+        save_json(report, out)
+    suite_compile(train, cfg, device, scale, report)
+
+
+def gpu_suite(args: argparse.Namespace) -> dict:
+    """The whole check into one JSON (every key of GPU_SUITE_KEYS); the path is printed."""
+    started = time.perf_counter()
+    device = pick_device(args.device)
+    scale = QUICK if args.quick else FULL
+    out = Path(args.out or "outputs/bench/gpu_suite.json")
+    report = {"device": device_name(device), "torch": torch.__version__, "quick": args.quick,
+              "scale": {**dataclasses.asdict(scale), "variants": head_variants()}, "skipped": {}}
+    print(f"device: {report['device']}, torch {report['torch']}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="cxr-gpu-suite-"))
+    try:
+        run_suite(scale, device, work, report, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["all_jobs_ok"] = all(sweep["jobs_ok"] == sweep["jobs"] for sweep in report["sweeps"].values()
+                                if sweep["jobs"] is not None)
+    report["total_s"] = time.perf_counter() - started
+    save_json(report, out)
+    print(f"{'all sweep jobs ok' if report['all_jobs_ok'] else 'FAILED sweep jobs'}; "
+          f"{report['total_s']:.0f} s; written to {out}")
+    return report
+
+
+def save_json(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +534,11 @@ def bench_gpu(split: Split, cfg, device: torch.device, repeats: int, min_images:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cxr.bench", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/bench.json", help="where the JSON goes")
+    parser.add_argument("--out", help="where the JSON goes (default: outputs/bench.json; with "
+                        "--gpu-suite, outputs/bench/gpu_suite.json)")
+    parser.add_argument("--gpu-suite", action="store_true",
+                        help="the GPU check instead: trainer img/s per precision, the seed-scale sweep "
+                        "at 1, 2, 4 jobs per GPU and frozen, peak memory (see GPU_SUITE_KEYS)")
     parser.add_argument("--images", type=Path, help="folder of <class>/ subfolders of images "
                         "(default: $CXR_SHARED_DATA/cxr-fullres, else generated ones)")
     parser.add_argument("--count", type=int, default=320, help="images per pass (files repeat)")
@@ -301,7 +553,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpu-images", type=int, default=4096, help="images per GPU epoch")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--quick", action="store_true",
-                        help="seconds, not minutes: tiny counts and sizes (for tests)")
+                        help="tiny counts and sizes (for tests; with --gpu-suite: minutes on a CPU)")
     args = parser.parse_args(argv)
     if args.quick:
         args.count, args.size, args.train_size, args.batch_size = 24, 32, 32, 8
@@ -322,12 +574,16 @@ def describe(device: torch.device, source: Path, items) -> dict:
                        "mean_megapixels": float(np.mean(megapixels))}}
 
 
-def run_sections(args, device: torch.device, work: Path) -> dict:
-    """Every section on the same images, each printed as it finishes."""
+def compose_train(overrides: list[str]):
+    """conf/train.yaml with `overrides`, as `python -m cxr.train` composes it."""
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["model.weights=null", f"trainer.batch_size={args.batch_size}",
-                                          f"data.cache_dir={work}"])
+        return compose("train", overrides=overrides)
+
+
+def run_sections(args, device: torch.device, work: Path) -> dict:
+    """Every section on the same images, each printed as it finishes."""
+    cfg = compose_train(["model.weights=null", f"trainer.batch_size={args.batch_size}", f"data.cache_dir={work}"])
     shared = os.environ.get("CXR_SHARED_DATA")
     source = args.images or (Path(shared) / "cxr-fullres" if shared else None)
     if source is None:
@@ -355,8 +611,10 @@ def run_sections(args, device: torch.device, work: Path) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes, as the trainer runs them
+    if args.gpu_suite:
+        return gpu_suite(args)
+    device = pick_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
     try:
         report = run_sections(args, device, work)
@@ -372,9 +630,8 @@ def main(argv=None) -> dict:
     if "gpu" in report:
         targets["gpu.trainer >= 2500 img/s"] = report["gpu"]["trainer_img_s"] >= 2500
     report["targets"] = targets
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = Path(args.out or "outputs/bench.json")
+    save_json(report, out)
     for target, ok in report["targets"].items():
         print(f"{'ok  ' if ok else 'MISS'} {target}")
     print(f"written to {out}")
@@ -393,4 +650,5 @@ def _print(section: str, figures: dict, *keys: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the GPU check's exit status says whether every sweep job ended ok
+    sys.exit(0 if main().get("all_jobs_ok", True) else 1)

@@ -51,6 +51,9 @@ def new_record(cfg, overrides) -> dict:
         "metrics": {}, "epochs": cfg.trainer.epochs, "best_epoch": None, "stopped_epoch": None,
         "seed": cfg.seed,
         "device": None, "warnings": [], "time": {},
+        # the most memory the run's tensors held on its GPU (MiB; null off CUDA): what packing
+        # several sweep jobs on one GPU must fit
+        "peak_gpu_memory_mb": None,
     }
 
 

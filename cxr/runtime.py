@@ -162,6 +162,12 @@ class Runtime:
         if self.world > 1:
             dist.barrier()
 
+    def peak_memory_mb(self) -> float | None:
+        """The most GPU memory this process's tensors held since start() (None off CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+
     def wrap(self, module: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
         """`module` as it trains: under DistributedDataParallel with several ranks, compiled if asked."""
         if self.world > 1:
@@ -182,6 +188,8 @@ def start(trainer_cfg, seed: int, jobs_per_gpu: int = 1) -> Runtime:
         # packed sweep jobs: an equal share of the GPU's memory each (cuDNN's autotuner then also
         # picks kernels whose workspace fits the share), so that no job starves the others
         torch.cuda.set_per_process_memory_fraction(0.95 / jobs_per_gpu, device)
+    if device.type == "cuda":  # a launcher's worker runs job after job: each peak is its own
+        torch.cuda.reset_peak_memory_stats(device)
     seed_everything(seed, trainer_cfg.deterministic)
     return Runtime(device, rank, world, *amp_setup(trainer_cfg.amp, device))
 

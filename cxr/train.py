@@ -107,6 +107,7 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     if runtime.is_main:  # per image, for analyses the summary metrics cannot answer
         write_test_predictions(output_dir, dataset.test.paths, probs, labels, threshold, dataset.classes)
     record["time"] = {"train_ms": round(state.train_ms), "total_ms": round((time.perf_counter() - started) * 1000)}
+    record["peak_gpu_memory_mb"] = runtime.peak_memory_mb()
     if runtime.is_main:
         report(record, board, model, splits[2], probs, labels, dataset.classes, cfg, output_dir)
         if not cfg.trainer.keep_last:  # a finished run needs best.pt only, unless it is to be extended

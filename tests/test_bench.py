@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from cxr.bench import GPU_SUITE_KEYS
 from tests.conftest import REPO
 
 KEYS = {
@@ -46,3 +47,39 @@ def test_defect6_headline_ratios_compare_like_with_like(quick_bench):
     assert frozen["variants"] == ["resultset1", "resultset7"]
     assert frozen["jobs_ok"] == 2 and report["targets"]["frozen.every job of the sweep ok"]
     assert frozen["sweep_s"] > frozen["one_backbone_pass_s"]
+
+
+def _at(report: dict, dotted: str):
+    """report["a"]["b"] for "a.b"; a KeyError names a missing key."""
+    value = report
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+@pytest.mark.slow  # ~2.5 minutes on 2 cores (21 real sweep jobs): more than the fast suite can spare
+def test_gpu_suite_quick_writes_every_key_on_cpu(tmp_path):
+    """`--gpu-suite --quick` on a CPU: every key the GPU run writes; what a CPU can measure is a
+    positive number, every sweep job ended ok, and each CUDA-only figure is null with its reason."""
+    out = tmp_path / "gpu_suite.json"
+    command = [sys.executable, "-m", "cxr.bench", "--gpu-suite", "--quick", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"written to {out}" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu") and report["quick"] is True
+    for key in GPU_SUITE_KEYS:
+        if _at(report, key) is None:
+            assert any(key == path or key.startswith(path + ".") for path in report["skipped"]), key
+    timed = ["data_prep_s", "total_s", "trainer_img_s.fp32", "trainer_img_s.bf16", "trainer_img_s.bf16_channels_last"]
+    for sweep in ("jobs_per_gpu_1", "jobs_per_gpu_2", "frozen"):
+        assert _at(report, f"sweeps.{sweep}.jobs_ok") == _at(report, f"sweeps.{sweep}.jobs") == 7, sweep
+        timed += [f"sweeps.{sweep}.sweep_s", f"sweeps.{sweep}.train_s"]
+    for key in timed:
+        value = _at(report, key)
+        assert isinstance(value, float) and value > 0, f"{key} = {value}"
+    assert report["all_jobs_ok"] is True
+    assert report["sweeps"]["frozen"]["freeze_backbone"] is True
+    assert report["sweeps"]["jobs_per_gpu_2"]["jobs_per_gpu"] == 2
+    for key in ("trainer_img_s.compile", "compile_s", "busy_fraction", "sweeps.jobs_per_gpu_1.peak_gpu_memory_mb"):
+        assert _at(report, key) is None, key  # CUDA only

@@ -41,7 +41,8 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    root: str = MISSING
+    # the image folder; null only for data=csv, where it defaults to the CSV's folder
+    root: str | None = MISSING
     image_size: int = 224
     # from_train: validation carved out of train, grouped by patient; official: the given val/ folder
     val_split: str = "from_train"
@@ -60,6 +61,16 @@ class DataConfig:
     limit: int | None = None
     # set for the embedded dataset: generate it under `root` on first use
     synthetic: SyntheticConfig | None = None
+    # folders: root/{train,val,test}/<class>/; csv: images and labels listed in data.csv (data=csv)
+    layout: str = "folders"
+    csv: str | None = None
+    path_column: str = "Path"
+    label_column: str = "Label"
+    patient_column: str | None = None  # null: the patient from the file name (cxr.data.patient_id)
+    split_column: str | None = None  # train|val|test per row; null: test carved by test_fraction
+    test_fraction: float = 0.2
+    # the class order (the positive class is PNEUMONIA when present, else the last); null: sorted labels
+    classes: list[str] | None = None
 
 
 @dataclass
@@ -183,8 +194,13 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: Any) -> None:
     """Reject values out of range before any work starts (one line naming the key)."""
     m, o, t, d = cfg.model, cfg.optimizer, cfg.trainer, cfg.data
-    _check(not OmegaConf.is_missing(d, "root"),
-           f"data.root is not set: pass data.root=/path/to/{d.name} (the folder holding train/ and test/)")
+    _check(d.layout in ("folders", "csv"), f"data.layout must be folders|csv, got {d.layout}")
+    if d.layout == "folders":
+        _check(not OmegaConf.is_missing(d, "root") and d.root is not None,
+               f"data.root is not set: pass data.root=/path/to/{d.name} (the folder holding train/ and test/)")
+    else:
+        _check(d.csv is not None, "data.csv is not set: pass data.csv=/path/to/labels.csv")
+        _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     _check(d.limit is None or d.limit >= 4,
            f"data.limit must be null or >= 4 (two images of each class per split), got {d.limit}")
     _check(m.dense > 0, f"model.dense must be > 0, got {m.dense}")

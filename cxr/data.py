@@ -1,4 +1,4 @@
-"""Find the images, split them by patient, decode them once into a uint8 cache -> `Dataset`.
+"""Find the images (class folders or a CSV), split them by patient, decode them once -> `Dataset`.
 
 Decoding ~1,500 px JPEGs is what made the reference experiment slow, so every image is decoded
 and resized exactly once (PIL's draft mode lets libjpeg downscale by 2/4/8 while decoding, spread
@@ -7,6 +7,7 @@ preprocessing. Runs and sweep jobs after the first read that array only; cxr.bat
 batches of it on the training device.
 """
 
+import csv
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import re
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +149,8 @@ def patient_id(path: str) -> str:
     return Path(path).stem
 
 
-def split_by_patient(items: list[tuple[str, int]], fraction: float, seed: int):
+def split_by_patient(items: list[tuple[str, int]], fraction: float, seed: int,
+                     patient_of: Callable[[str], str] = patient_id):
     """Carve `fraction` of the images out of train as validation, per class, no patient on both sides.
 
     Patients are shuffled (by `seed`) within their class (the label of most of their images) and
@@ -158,7 +161,7 @@ def split_by_patient(items: list[tuple[str, int]], fraction: float, seed: int):
     labels = np.array([label for _, label in items])
     by_patient: dict[str, list[int]] = defaultdict(list)
     for index, (path, _) in enumerate(items):
-        by_patient[patient_id(path)].append(index)
+        by_patient[patient_of(path)].append(index)
     patients = sorted(by_patient)
     order = np.random.default_rng(seed).permutation(len(patients))
     val: list[int] = []
@@ -188,6 +191,150 @@ def subset(items: list[tuple[str, int]], limit: int | None, seed: int) -> list[t
         return [items[i] for i in np.linspace(0, len(items) - 1, limit).astype(int)]
     pick, _ = next(StratifiedShuffleSplit(1, train_size=limit, random_state=seed).split(items, labels))
     return [items[i] for i in sorted(pick)]
+
+
+@dataclass
+class Listing:
+    """A layout read but not decoded: class order, (path, label) items per split, and who is whom.
+
+    `items["val"]` is empty unless the layout's own validation split is used (val_split=official).
+    """
+
+    root: Path
+    classes: list[str]
+    items: dict[str, list[tuple[str, int]]]
+    patient_of: Callable[[str], str] = patient_id
+    csv: Path | None = None  # the CSV the items came from (None: class folders)
+
+    def where(self, split: str, label: str | None = None) -> str:
+        """Where a split's (or one class's) images were listed, for the one-line errors."""
+        if self.csv is None:
+            return str(self.root / split) if label is None else f"class folder: {self.root / split / label}"
+        rows = f"the {split} rows" if label is None else f"the {split} rows of class {label}"
+        return f"{rows} of data.csv {self.csv}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A CSV of image paths and labels (data=csv)
+
+
+def read_table(path: Path, columns: dict[str, str]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {config key: cell}) per non-blank row, for the columns named in `columns`.
+
+    `columns` maps a config key (label_column) to the column it names, so that a missing column
+    is reported with the key that fixes it. The csv module, not pandas: 100,000 rows take well
+    under a second, and quoting, BOMs and line numbers are handled as a spreadsheet writes them.
+    """
+    if not path.is_file():
+        raise DataError(f"data.csv does not exist or is not a file: {path} (pass data.csv=/path/to/labels.csv)")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            header = [name.strip() for name in next(reader, [])]
+            for key, column in columns.items():
+                if column not in header:
+                    raise DataError(f"data.csv {path} has no column {column!r} (data.{key}); its columns: "
+                                    f"{', '.join(header) or 'none'}")
+            at = {key: header.index(column) for key, column in columns.items()}
+            rows = []
+            for cells in reader:
+                if not any(cell.strip() for cell in cells):
+                    continue  # blank lines, as spreadsheets leave at the end
+                if len(cells) < len(header):
+                    raise DataError(f"data.csv {path} line {reader.line_num}: {len(cells)} fields, the header "
+                                    f"has {len(header)}")
+                rows.append((reader.line_num, {key: cells[i].strip() for key, i in at.items()}))
+    except OSError as error:
+        raise DataError(f"data.csv cannot be read: {path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"data.csv {path} is not a UTF-8 CSV file: {error}") from None
+    if not rows:
+        raise DataError(f"data.csv {path} has a header but no rows")
+    return rows
+
+
+def csv_classes(data_cfg, rows: list[tuple[int, dict[str, str]]], path: Path) -> list[str]:
+    """data.classes as given (every label must be one of them), else the labels sorted."""
+    if data_cfg.classes is None:
+        classes = sorted({row["label_column"] for _, row in rows})
+    else:
+        classes = [str(name) for name in data_cfg.classes]
+        if len(set(classes)) != len(classes):
+            raise DataError(f"data.classes lists a class twice: {classes}")
+        for line, row in rows:
+            if row["label_column"] not in classes:
+                raise DataError(f"data.csv {path} line {line}: label {row['label_column']!r} is not in "
+                                f"data.classes {classes}; add it there or remove the row")
+    if "" in classes:
+        line = next(line for line, row in rows if not row["label_column"])
+        raise DataError(f"data.csv {path} line {line}: empty {data_cfg.label_column!r} (data.label_column)")
+    if len(classes) < 2:
+        raise DataError(f"data.csv {path} has one class ({', '.join(classes)}) in column "
+                        f"{data_cfg.label_column!r}; need at least two")
+    return classes
+
+
+def csv_row_split(row: dict[str, str], line: int, path: Path) -> str:
+    """The split a row names in data.split_column (train when there is no split column)."""
+    split = row.get("split_column", "train").lower()
+    if split not in SPLITS:
+        raise DataError(f"data.csv {path} line {line}: split {row['split_column']!r} in data.split_column "
+                        f"must be one of {'|'.join(SPLITS)}")
+    return split
+
+
+def check_files(located: dict[str, int], root: Path, path: Path) -> None:
+    """Every listed image exists: a wrong data.root would otherwise fail deep inside decoding."""
+    missing = [(line, image) for image, line in located.items() if not os.path.isfile(image)]
+    if missing:
+        line, image = missing[0]
+        raise DataError(f"data.csv {path} line {line}: image not found: {image} ({len(missing)} of "
+                        f"{len(located)} missing; paths are read relative to data.root={root})")
+
+
+def index_csv(data_cfg) -> Listing:
+    """data=csv: the rows become the (path, label) items the class folders would give.
+
+    Items are sorted by (label, path) as `list_files` sorts them, so a CSV written from a folder
+    layout, in any row order, gives the same splits, cache and batches as the folders themselves.
+    """
+    path = Path(data_cfg.csv).expanduser()
+    root = Path(data_cfg.root).expanduser() if data_cfg.root is not None else path.parent
+    columns = {key: data_cfg[key] for key in ("path_column", "label_column", "patient_column", "split_column")
+               if data_cfg[key] is not None}
+    rows = read_table(path, columns)
+    classes = csv_classes(data_cfg, rows, path)
+    label_of = {name: label for label, name in enumerate(classes)}
+    items: dict[str, list[tuple[str, int]]] = {name: [] for name in SPLITS}
+    located: dict[str, int] = {}  # image -> its line
+    patients: dict[str, str] = {}
+    for line, row in rows:
+        image = str(root / row["path_column"])
+        if image in located:
+            raise DataError(f"data.csv {path} line {line}: {image} is listed again (first on line {located[image]})")
+        located[image] = line
+        items[csv_row_split(row, line, path)].append((image, label_of[row["label_column"]]))
+        patients[image] = row.get("patient_column") or patient_id(image)
+    check_files(located, root, path)
+    items = {name: sorted(listed, key=lambda item: (item[1], item[0])) for name, listed in items.items()}
+    return Listing(root, classes, csv_splits(data_cfg, items, patients.__getitem__, path), patients.__getitem__, path)
+
+
+def csv_splits(data_cfg, items: dict[str, list[tuple[str, int]]], patient_of: Callable[[str], str],
+               path: Path) -> dict[str, list[tuple[str, int]]]:
+    """Train and test from data.split_column, or test carved by patient; val only when official."""
+    if data_cfg.split_column is None:
+        items["train"], items["test"] = split_by_patient(items["train"], data_cfg.test_fraction,
+                                                         data_cfg.split_seed, patient_of)
+    for name in SPLITS:
+        if not items[name] and (name != "val" or data_cfg.val_split == "official"):
+            fix = (" (data.val_split=official reads them; data.val_split=from_train carves val from train)"
+                   if name == "val" else "")
+            raise DataError(f"data.csv {path} has no {name} rows in column {data_cfg.split_column!r} "
+                            f"(data.split_column){fix}")
+    if data_cfg.val_split != "official":
+        items["val"] = []  # carved from train later, as the folder layout's val/ is set aside
+    return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,30 +434,38 @@ def _read_cache(index_file: Path, array_file: Path, items: list[tuple[str, int]]
                  index["paths"], index["skipped"])
 
 
-def load_dataset(data_cfg) -> Dataset:
-    """Everything `run()` needs from the data config: classes and three decoded splits."""
+def index_folders(data_cfg) -> Listing:
+    """The Kaggle layout: root/{train,val,test}/<class>/ (the embedded dataset generated first)."""
     if data_cfg.synthetic is not None:
         ensure_synthetic(data_cfg.root, data_cfg.synthetic)
     root = resolve_root(data_cfg.root)
     classes = find_classes(root / "train")
-    train_items = list_files(root / "train", classes)
-    if data_cfg.val_split == "official":
-        val_items = list_files(root / "val", classes)
-    else:
-        train_items, val_items = split_by_patient(train_items, data_cfg.val_fraction, data_cfg.split_seed)
-    items = {"train": train_items, "val": val_items, "test": list_files(root / "test", classes)}
+    official = data_cfg.val_split == "official"
+    items = {"train": list_files(root / "train", classes),
+             "val": list_files(root / "val", classes) if official else [],
+             "test": list_files(root / "test", classes)}
+    return Listing(root, classes, items)
+
+
+def load_dataset(data_cfg) -> Dataset:
+    """Everything `run()` needs from the data config: classes and three decoded splits."""
+    listing = index_csv(data_cfg) if data_cfg.layout == "csv" else index_folders(data_cfg)
+    items = dict(listing.items)
+    if data_cfg.val_split != "official":
+        items["train"], items["val"] = split_by_patient(items["train"], data_cfg.val_fraction,
+                                                        data_cfg.split_seed, listing.patient_of)
     cache_dir = Path(data_cfg.cache_dir).expanduser() / "decoded"
     splits = {}
     for name in SPLITS:
         chosen = subset(items[name], data_cfg.limit, data_cfg.split_seed)
         splits[name] = load_split(chosen, data_cfg.image_size, cache_dir, data_cfg.decode_workers, name)
         if len(splits[name]) == 0:
-            raise DataError(f"no readable images in {root / name}")
-    # a class folder of unreadable files only would leave one class to train on, and no error
-    for label, name in enumerate(classes):
+            raise DataError(f"no readable images in {listing.where(name)}")
+    # a class of unreadable files only would leave one class to train on, and no error
+    for label, name in enumerate(listing.classes):
         if not (splits["train"].labels == label).any():
-            raise DataError(f"no readable images in class folder: {root / 'train' / name}")
-    dataset = Dataset(root, classes, **splits)
+            raise DataError(f"no readable images in {listing.where('train', name)}")
+    dataset = Dataset(listing.root, listing.classes, **splits)
     if dataset.skipped:
         log.warning("skipped %d unreadable file(s): %s", len(dataset.skipped), ", ".join(dataset.skipped))
     return dataset

@@ -1,0 +1,157 @@
+"""data=csv: any single-label dataset listed in a CSV, on real and generated images.
+
+The oracles are written here without cxr's helpers: patients are read off the Kaggle file names by
+string splitting, splits come from the folder a file lies in, and classes from the images drawn.
+"""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.data import load_dataset
+from cxr.train import run, run_safely
+from tests.conftest import REPO
+
+# the frozen recipe at 32 px: features are computed once, both runs of a comparison share them
+FAST = ("model.weights=null", "model.freeze_backbone=true", "data.image_size=32", "trainer.epochs=3",
+        "trainer.device=cpu", "trainer.progress=false", "trainer.bootstrap=20",
+        "trainer.tensorboard_images=false")
+
+
+def kaggle_patient(name: str) -> str:
+    """person12_bacteria_3.jpeg -> PERSON12; NORMAL2-IM-0123-0001.jpeg -> NORMAL2-IM-0123."""
+    if name.startswith("person"):
+        return name.split("_")[0].upper()
+    parts = name.split("-")
+    return "-".join(parts[:3] if name.startswith("NORMAL2-") else parts[:2])
+
+
+def write_csv(path, header, rows) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def real_csv(shared_data, tmp_path_factory):
+    """cxr-real as a CSV: relative path, label and split from the folders, patient from the name.
+
+    Rows are written in reverse order, so matching results cannot come from the row order.
+    """
+    real = shared_data / "cxr-real"
+    rows = [(str(image.relative_to(real)), image.parent.name, kaggle_patient(image.name), image.parts[-3])
+            for image in sorted(real.glob("*/*/*.jpeg"))]
+    path = tmp_path_factory.mktemp("real-csv") / "labels.csv"
+    write_csv(path, ["Path", "Finding", "Patient ID", "Split"], rows[::-1])
+    return path, real, rows
+
+
+def test_real_data_through_csv_matches_the_folders(real_csv, make_cfg, tmp_path):
+    path, real, rows = real_csv
+    folders = make_cfg("data=chest_xray", f"data.root={real}", *FAST)
+    table = make_cfg("data=csv", f"data.csv={path}", f"data.root={real}", "data.label_column=Finding",
+                     "data.patient_column=Patient ID", "data.split_column=Split", *FAST)
+    a, b = load_dataset(folders.data), load_dataset(table.data)
+    for split in ("train", "val", "test"):
+        assert getattr(a, split).paths == getattr(b, split).paths
+        assert getattr(a, split).labels.tolist() == getattr(b, split).labels.tolist()
+    # the oracle: test is the test folder, val is carved from train/ alone, no patient on both sides
+    assert sorted(b.test.paths) == sorted(str(real / r[0]) for r in rows if r[3] == "test")
+    assert sorted(b.train.paths + b.val.paths) == sorted(str(real / r[0]) for r in rows if r[3] == "train")
+    patient = {str(real / r[0]): r[2] for r in rows}
+    assert not {patient[p] for p in b.train.paths} & {patient[p] for p in b.val.paths}
+
+    run(folders, tmp_path / "folders", overrides=[])
+    run(table, tmp_path / "csv", overrides=[])
+    ra, rb = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("folders", "csv"))
+    assert rb["status"] == "ok" and rb["data"]["name"] == "csv"
+    for key in ("classes", "train", "val", "test", "skipped_files"):
+        assert ra["data"][key] == rb["data"][key]
+    assert rb["metrics"] == pytest.approx(ra["metrics"], rel=1e-5, abs=1e-6)
+    assert read_rows(tmp_path / "csv" / "test_predictions.csv") == \
+        read_rows(tmp_path / "folders" / "test_predictions.csv")
+
+
+# three classes drawn so that a small model tells them apart: a bright band at the top, middle or
+# bottom of a noisy field
+CLASSES = ("upper", "middle", "lower")
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """90 PNGs (30 per class, 3 images per patient) and a CSV beside them with absolute paths."""
+    folder = tmp_path_factory.mktemp("drawn")
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, name in enumerate(CLASSES):
+        for k in range(30):
+            pixels = rng.integers(0, 90, (48, 48)).astype(np.uint8)
+            pixels[label * 16:(label + 1) * 16] += 120
+            image = folder / "images" / f"{name}_{k:02d}.png"
+            image.parent.mkdir(exist_ok=True)
+            Image.fromarray(pixels).save(image)
+            rows.append((str(image), name, f"p{label}-{k // 3}"))
+    write_csv(folder / "table.csv", ["Image", "Class", "Patient"], rows)
+    return folder / "table.csv", rows
+
+
+def test_three_classes_train_end_to_end_with_test_carved_by_patient(drawn, make_cfg, tmp_path):
+    path, rows = drawn
+    cfg = make_cfg("data=csv", f"data.csv={path}", "data.path_column=Image", "data.label_column=Class",
+                   "data.patient_column=Patient", f"data.classes=[{','.join(CLASSES)}]", "debug=smoke",
+                   "model.weights=null", "data.test_fraction=0.3")
+    result = run(cfg, tmp_path, overrides=[])
+    assert result["status"] == "ok"
+    data = json.loads((tmp_path / "result.json").read_text())["data"]
+    assert data["classes"] == list(CLASSES)  # data.classes' order, not sorted
+    assert data["train"] + data["val"] + data["test"] == 90
+    assert 24 <= data["test"] <= 30  # 30% of each class, to within one patient (3 images)
+    patient = {image: who for image, _, who in rows}
+    dataset = load_dataset(cfg.data)
+    sides = [{patient[p] for p in split.paths} for split in (dataset.train, dataset.val, dataset.test)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    predictions = read_rows(tmp_path / "test_predictions.csv")
+    assert [c for c in predictions[0] if c.startswith("prob_")] == [f"prob_{c}" for c in CLASSES]
+
+
+def test_unset_csv_is_one_line(make_cfg, tmp_path):
+    result = run_safely(make_cfg("data=csv", "debug=smoke"), tmp_path, [])
+    assert result["error"] == "data.csv is not set: pass data.csv=/path/to/labels.csv"
+
+
+def train_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr.train", "data=csv", "debug=smoke", "model.weights=null",
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("mistake", ["missing csv", "missing column", "missing image"])
+def test_csv_mistakes_are_one_line(drawn, tmp_path, mistake):
+    path, rows = drawn
+    bad = tmp_path / "bad.csv"
+    header, needle = ["Image", "Class", "Patient"], "data.csv"
+    if mistake == "missing csv":
+        bad, expected = tmp_path / "nowhere.csv", "does not exist"
+    elif mistake == "missing column":
+        header, expected = ["Image", "Diagnosis", "Patient"], "no column 'Class' (data.label_column)"
+        write_csv(bad, header, rows)
+    else:
+        rows = [*rows[:5], (str(tmp_path / "gone.png"), "upper", "p9"), *rows[5:]]
+        write_csv(bad, header, rows)
+        expected = f"line 7: image not found: {tmp_path / 'gone.png'}"
+    proc = train_command(f"data.csv={bad}", "data.path_column=Image", "data.label_column=Class",
+                         f"hydra.run.dir={tmp_path / 'run'}")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if needle in line]
+    assert len(lines) == 1 and expected in lines[0], output

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.data import load_dataset
+from cxr.data import DataError, load_dataset
+from cxr.predict import main as predict_main
 from cxr.train import run, run_safely
 from tests.conftest import REPO
 
@@ -123,6 +124,42 @@ def test_three_classes_train_end_to_end_with_test_carved_by_patient(drawn, make_
     assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
     predictions = read_rows(tmp_path / "test_predictions.csv")
     assert [c for c in predictions[0] if c.startswith("prob_")] == [f"prob_{c}" for c in CLASSES]
+    # predict, from the checkpoint alone, gives the labels the run gave its test images
+    assert predict_main([f"checkpoint={tmp_path / 'best.pt'}", f"inputs={path.parent / 'images'}",
+                         f"output={tmp_path / 'predicted.csv'}", "device=cpu"]) == 0
+    predicted = {row["path"]: row["label"] for row in read_rows(tmp_path / "predicted.csv")}
+    assert len(predicted) == 90
+    assert {row["path"]: row["label"] for row in predictions} == {p: predicted[p] for p in dataset.test.paths}
+
+
+def test_official_val_rows_match_the_val_folder(real_csv, make_cfg):
+    path, real, rows = real_csv
+    folders = make_cfg("data=chest_xray", f"data.root={real}", "data.val_split=official", *FAST)
+    table = make_cfg("data=csv", f"data.csv={path}", f"data.root={real}", "data.label_column=Finding",
+                     "data.split_column=Split", "data.val_split=official", *FAST)
+    a, b = load_dataset(folders.data), load_dataset(table.data)
+    assert a.val.paths == b.val.paths and a.train.paths == b.train.paths
+    assert sorted(b.val.paths) == sorted(str(real / r[0]) for r in rows if r[3] == "val")
+
+
+@pytest.mark.parametrize("rows, overrides, expected", [
+    ([("a.png", "x", "train"), ("b.png", "z", "test")], ["data.classes=[x,y]"],
+     "line 3: label 'z' is not in data.classes ['x', 'y']; add it there or remove the row"),
+    ([("a.png", "x", "train"), ("b.png", "y", "validation")], [],
+     "line 3: split 'validation' in data.split_column must be one of train|val|test"),
+    ([("a.png", "x", "train"), ("a.png", "y", "test")], [], "is listed again (first on line 2)"),
+    ([("a.png", "x", "train"), ("b.png", "y", "train")], [], "has no test rows in column 'Split'"),
+    ([("a.png", "x", "train"), ("b.png", "y", "test")], ["data.val_split=official"],
+     "has no val rows in column 'Split' (data.split_column) (data.val_split=official reads them"),
+])
+def test_csv_content_mistakes_name_the_line_or_column(tmp_path, make_cfg, rows, overrides, expected):
+    for name in ("a.png", "b.png"):
+        Image.new("L", (40, 40)).save(tmp_path / name)
+    write_csv(tmp_path / "t.csv", ["Path", "Label", "Split"], rows)
+    cfg = make_cfg("data=csv", f"data.csv={tmp_path / 't.csv'}", "data.split_column=Split", *overrides)
+    with pytest.raises(DataError) as error:
+        load_dataset(cfg.data)
+    assert expected in str(error.value) and "\n" not in str(error.value)
 
 
 def test_unset_csv_is_one_line(make_cfg, tmp_path):

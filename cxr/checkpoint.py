@@ -34,7 +34,7 @@ LAST, BEST = "last.pt", "best.pt"
 RESUMABLE_CHANGES = {"trainer.resume", "trainer.epochs", "trainer.progress", "trainer.device",
                      "trainer.log_every", "trainer.eval_batch_size", "trainer.bootstrap",
                      "trainer.tensorboard_images", "trainer.keep_last", "data.cache_dir",
-                     "data.decode_workers", "data.root"}
+                     "data.decode_workers", "data.root", "data.csv"}
 # what predict needs from best.pt
 INFERENCE_KEYS = ("model", "classes", "image_size", "mean", "std", "threshold", "model_config")
 

@@ -187,7 +187,9 @@ def subset(items: list[tuple[str, int]], limit: int | None, seed: int) -> list[t
     labels = [label for _, label in items]
     if limit < len(set(labels)):
         raise DataError(f"data.limit={limit} is smaller than the number of classes ({len(set(labels))})")
-    if min(np.bincount(labels)) < 2:  # too few of a class to stratify: take an even spread
+    # too few of a class to stratify, or fewer left out than classes (scikit-learn refuses both,
+    # e.g. 66 images of 3 classes cut to 64): take an even spread of the label-sorted items
+    if min(np.bincount(labels)) < 2 or len(items) - limit < len(set(labels)):
         return [items[i] for i in np.linspace(0, len(items) - 1, limit).astype(int)]
     pick, _ = next(StratifiedShuffleSplit(1, train_size=limit, random_state=seed).split(items, labels))
     return [items[i] for i in sorted(pick)]

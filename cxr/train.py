@@ -83,9 +83,9 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     model = model.to(runtime.device, memory_format=memory_format)
     view = training_view(model, splits, cfg, runtime.device, runtime.amp_dtype)
     optimizer = build_optimizer(view.module, cfg.optimizer)
-    steps = optimizer_steps(micro_steps(len(view.train), runtime.world, cfg.trainer.batch_size),
-                            cfg.trainer.accumulate_steps)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, steps, cfg.trainer.epochs)
+    epoch_steps = optimizer_steps(micro_steps(len(view.train), runtime.world, cfg.trainer.batch_size),
+                                  cfg.trainer.accumulate_steps)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, epoch_steps, cfg.trainer.epochs)
     checkpoints = Checkpoints(output_dir, model, optimizer, scheduler, runtime, cfg, dataset.classes)
 
     state = resume_or_start(checkpoints, cfg)
@@ -94,7 +94,7 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
         augment = epoch_augment(cfg.data.augment, cfg.data.hflip, cfg.seed, 1, runtime.device)
         board.input_grid(splits[0].images[:32], dataset.classes, splits[0].labels[:32], augment)
     if state.epoch > 0:  # resuming purged the events from step epoch+1 on: the earlier steps' lrs too
-        board.learning_rates([scheduled_lr(scheduler, i) for i in range(state.epoch, state.epoch * steps)],
+        board.learning_rates([scheduled_lr(scheduler, i) for i in range(state.epoch, state.epoch * epoch_steps)],
                              first_step=state.epoch + 1)
     trained = runtime.wrap(view.module, cfg.trainer.compile)
     with cpu_threads(view.cpu_threads, runtime.device):

@@ -1,6 +1,6 @@
 """Batches on the training device: slicing the decoded uint8 splits, normalising, augmenting.
 
-The decoded splits live on the training device whole (cxr.data), so a batch is an index into
+The decoded splits live on the training device whole (cxr.decoding), so a batch is an index into
 them: no host copy and no DataLoader worker in the step. Conversion to float, normalisation and
 augmentation run there too, on whole batches.
 """
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from cxr.data import Split
+from cxr.decoding import Split
 
 # ImageNet statistics, as torchvision's weights expect (RGB mean/std, not Keras' caffe-style BGR
 # mean subtraction); the grayscale image is fed to all three channels.

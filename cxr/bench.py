@@ -59,7 +59,8 @@ from torchvision import datasets, transforms
 from cxr import results
 from cxr.batches import preprocess, train_batches
 from cxr.config import CONF_DIR, register_configs
-from cxr.data import Split, find_classes, list_files, load_dataset, load_split, subset
+from cxr.data import find_classes, list_files, load_dataset, subset
+from cxr.decoding import Split, load_split
 from cxr.engine import autocast, train_one_epoch
 from cxr.features import TrainingView, extract, training_view
 from cxr.model import build_model, build_optimizer

@@ -7,7 +7,7 @@ It runs once over each split, in eval mode (BatchNorm on its running statistics,
 Keras base runs), and the features are cached as float16 in `<data.cache_dir>/features/<key>.npy`;
 the head then trains on batches of them.
 
-The key covers everything the features depend on: the decoded split (`data.cache_key`: the file
+The key covers everything the features depend on: the decoded split (`decoding.cache_key`: the file
 list with sizes and mtimes, the image size, the decoding), the normalisation, a digest of the
 backbone's weights and buffers (ImageNet, a state-dict file and a seeded random init are told apart
 by what they hold, not by name), the pooling and the autocast dtype. The classifier's FeatureNorm
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cxr.batches import MEAN, STD, Augment, eval_batches, preprocess, train_batches
-from cxr.data import Split, cache_key
+from cxr.decoding import Split, cache_key
 from cxr.engine import autocast
 from cxr.files import atomic_write
 from cxr.model import Classifier, weights_digest

@@ -29,7 +29,8 @@ from omegaconf.errors import OmegaConfBaseException
 from cxr import results
 from cxr.batches import eval_batches, preprocess
 from cxr.checkpoint import CheckpointError, load_classifier
-from cxr.data import decode_split, is_visible, positive_index
+from cxr.data import is_visible, positive_index
+from cxr.decoding import decode_split
 from cxr.explain import GradCamUnavailable, check_grad_cam, grad_cam, save_overlay
 from cxr.metrics import decide
 from cxr.model import Classifier, WeightsError

@@ -9,7 +9,7 @@ import torch
 
 from cxr import features
 from cxr.checkpoint import load_classifier
-from cxr.data import Split
+from cxr.decoding import Split
 from cxr.model import build_backbone, build_model, weights_digest
 from cxr.train import run
 

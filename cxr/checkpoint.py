@@ -4,7 +4,8 @@
               weights, optimizer, learning-rate schedule and scaler state, the loop's state,
               every rank's RNG states
     best.pt   the weights of the best epoch by validation, and what cxr.predict needs to use
-              them: classes, image size, normalisation, the network's shape, the threshold
+              them: classes (multi-label: findings, `multilabel` true), image size,
+              normalisation, the network's shape, the threshold (multi-label: one per finding)
 
 With a frozen backbone both hold only what trains (feature standardisation + head, a few hundred
 KB) and a reference to the backbone: its weights setting, the seed of a random init and a digest
@@ -90,11 +91,11 @@ class Checkpoints:
     """
 
     def __init__(self, output_dir: Path, model: Classifier, optimizer, scheduler, runtime: Runtime, cfg,
-                 classes: list[str]):
+                 classes: list[str], multilabel: bool = False):
         self.last_path, self.best_path = Path(output_dir) / LAST, Path(output_dir) / BEST
         self.model, self.optimizer, self.runtime, self.cfg = model, optimizer, runtime, cfg
         self.scheduler = scheduler
-        self.classes = classes
+        self.classes, self.multilabel = classes, multilabel
         self.frozen = cfg.model.freeze_backbone
         self.fingerprint = fingerprint(cfg)
         # the frozen backbone, by reference: rebuilt from its settings and checked by its digest
@@ -113,12 +114,12 @@ class Checkpoints:
                          "fingerprint": self.fingerprint,
                          "config": OmegaConf.to_container(self.cfg, resolve=True)}, self.last_path)
 
-    def save_best(self, epoch: int, threshold: float, weights: dict | None = None) -> None:
+    def save_best(self, epoch: int, threshold: float | list[float], weights: dict | None = None) -> None:
         if not self.runtime.is_main:
             return
         weights = trained_state(self.model, self.frozen) if weights is None else weights
         save_checkpoint({"model": weights, "backbone": self.backbone, "epoch": epoch,
-                         "threshold": threshold, "classes": self.classes,
+                         "threshold": threshold, "classes": self.classes, "multilabel": self.multilabel,
                          "image_size": self.cfg.data.image_size, "mean": list(MEAN), "std": list(STD),
                          "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
                          "init_seed": self.cfg.seed, "fingerprint": self.fingerprint}, self.best_path)
@@ -153,7 +154,7 @@ class Checkpoints:
     def _best_epoch_on_disk(self) -> int | None:
         return load_checkpoint(self.best_path)["epoch"] if self.best_path.exists() else None
 
-    def load_best(self) -> float:
+    def load_best(self) -> float | list[float]:
         """best.pt's weights into the model; its threshold (chosen on validation)."""
         best = load_checkpoint(self.best_path, map_location=self.runtime.device)
         self.model.load_state_dict(best["model"], strict=not self.frozen)

@@ -71,6 +71,16 @@ class DataConfig:
     test_fraction: float = 0.2
     # the class order (the positive class is PNEUMONIA when present, else the last); null: sorted labels
     classes: list[str] | None = None
+    # multi-label data (one sigmoid per finding): data=nih, data=chexpert, or data=csv with
+    # label_columns (one 1/0/-1/blank column per finding) or label_separator (findings joined in
+    # label_column, e.g. "Effusion|Nodule"; no_finding names none of them)
+    label_columns: list[str] | None = None
+    label_separator: str | None = None
+    no_finding: str = "No Finding"
+    labels: list[str] | None = None  # the findings to learn, in this order; null: all of the table's
+    uncertain: str = "ignore"  # a -1 cell (uncertain): ones | zeros | ignore (masked out)
+    blank: str = "negative"  # a blank cell (not mentioned): negative | ignore (masked out)
+    views: str = "all"  # chexpert: all | frontal
 
 
 @dataclass
@@ -136,6 +146,8 @@ class TrainerConfig:
     log_every: int = 10
     progress: bool = True
     bootstrap: int = 1000  # resamples for the 95% intervals of the test metrics (0 = off)
+    # multi-label: none, or balanced (each finding's BCE positives weighted negatives/positives in train)
+    pos_weight: str = "none"
     tensorboard_images: bool = True  # image grid, ROC, confusion matrix, Grad-CAM at the end
 
 
@@ -194,15 +206,7 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: Any) -> None:
     """Reject values out of range before any work starts (one line naming the key)."""
     m, o, t, d = cfg.model, cfg.optimizer, cfg.trainer, cfg.data
-    _check(d.layout in ("folders", "csv"), f"data.layout must be folders|csv, got {d.layout}")
-    if d.layout == "folders":
-        _check(not OmegaConf.is_missing(d, "root") and d.root is not None,
-               f"data.root is not set: pass data.root=/path/to/{d.name} (the folder holding train/ and test/)")
-    else:
-        _check(d.csv is not None, "data.csv is not set: pass data.csv=/path/to/labels.csv")
-        _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
-    _check(d.limit is None or d.limit >= 4,
-           f"data.limit must be null or >= 4 (two images of each class per split), got {d.limit}")
+    validate_data(d)
     _check(m.dense > 0, f"model.dense must be > 0, got {m.dense}")
     _check(m.hidden_layers >= 0, f"model.hidden_layers must be >= 0, got {m.hidden_layers}")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
@@ -224,6 +228,7 @@ def validate(cfg: Any) -> None:
         f"trainer.device must be auto|cpu|cuda|mps, got {t.device}",
     )
     _check(t.amp in ("auto", "off", "bf16", "fp16"), f"trainer.amp must be auto|off|bf16|fp16, got {t.amp}")
+    _check(t.pos_weight in ("none", "balanced"), f"trainer.pos_weight must be none|balanced, got {t.pos_weight}")
     _check(
         t.monitor in ("val/auroc", "val/acc", "val/loss", "val/balanced_acc"),
         f"trainer.monitor must be val/auroc|val/acc|val/balanced_acc|val/loss, got {t.monitor}",
@@ -241,6 +246,24 @@ def validate(cfg: Any) -> None:
         f"data.val_split must be from_train|official, got {d.val_split}",
     )
     _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+
+
+def validate_data(d: Any) -> None:
+    """The layout and what it needs: a root, a CSV, the multi-label policies."""
+    _check(d.layout in ("folders", "csv", "nih", "chexpert"),
+           f"data.layout must be folders|csv|nih|chexpert, got {d.layout}")
+    if d.layout == "csv":
+        _check(d.csv is not None, "data.csv is not set: pass data.csv=/path/to/labels.csv")
+    else:
+        _check(not OmegaConf.is_missing(d, "root") and d.root is not None,
+               f"data.root is not set: pass data.root=/path/to/{d.name} "
+               f"({'the folder holding train/ and test/' if d.layout == 'folders' else 'the dataset folder'})")
+    _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+    _check(d.limit is None or d.limit >= 4,
+           f"data.limit must be null or >= 4 (two images of each class per split), got {d.limit}")
+    _check(d.uncertain in ("ones", "zeros", "ignore"), f"data.uncertain must be ones|zeros|ignore, got {d.uncertain}")
+    _check(d.blank in ("negative", "ignore"), f"data.blank must be negative|ignore, got {d.blank}")
+    _check(d.views in ("all", "frontal"), f"data.views must be all|frontal, got {d.views}")
 
 
 def validate_model(m: Any, image_size: int) -> None:

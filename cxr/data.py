@@ -8,6 +8,7 @@ training device.
 
 import csv
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -24,6 +25,7 @@ from cxr.synthetic import ensure_synthetic
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+UNKNOWN = -1  # a multi-label value that is not known (CheXpert's uncertain or blank): masked out
 POSITIVE_CLASS = "PNEUMONIA"
 
 PATIENT_PATTERNS = (
@@ -39,10 +41,11 @@ class DataError(Exception):
 @dataclass
 class Dataset:
     root: Path
-    classes: list[str]
+    classes: list[str]  # the class names, or (multilabel) the findings, in output order
     train: Split
     val: Split
     test: Split
+    multilabel: bool = False  # one sigmoid per finding, labels (N, K) in {1, 0, UNKNOWN}
 
     @property
     def positive_index(self) -> int:
@@ -127,8 +130,11 @@ def split_by_patient(items: list[tuple[str, int]], fraction: float, seed: int,
     moved to validation while that brings the class's validation count closer to its share, so
     any fraction is met within about one patient's images per class. (scikit-learn's
     StratifiedGroupKFold gives only 1/k fractions: 0.15 became 14.3%, 0.4 became 50%.)
+    Multi-label items have no one class: their patients form a single stratum.
     """
     labels = np.array([label for _, label in items])
+    if labels.ndim == 2:  # multi-label: one stratum, the patients in random order
+        labels = np.zeros(len(items), dtype=np.int64)
     by_patient: dict[str, list[int]] = defaultdict(list)
     for index, (path, _) in enumerate(items):
         by_patient[patient_of(path)].append(index)
@@ -154,6 +160,9 @@ def subset(items: list[tuple[str, int]], limit: int | None, seed: int) -> list[t
     """A stratified, deterministic subset of at most `limit` items (for quick checks)."""
     if limit is None or len(items) <= limit:
         return items
+    if isinstance(items[0][1], tuple):  # multi-label: no class to stratify by, a seeded sample
+        pick = np.random.default_rng(seed).choice(len(items), limit, replace=False)
+        return [items[i] for i in sorted(pick)]
     labels = [label for _, label in items]
     if limit < len(set(labels)):
         raise DataError(f"data.limit={limit} is smaller than the number of classes ({len(set(labels))})")
@@ -177,35 +186,47 @@ class Listing:
     items: dict[str, list[tuple[str, int]]]
     patient_of: Callable[[str], str] = patient_id
     csv: Path | None = None  # the CSV the items came from (None: class folders)
+    multilabel: bool = False  # labels are tuples, one value per finding in `classes`
 
     def where(self, split: str, label: str | None = None) -> str:
         """Where a split's (or one class's) images were listed, for the one-line errors."""
         if self.csv is None:
             return str(self.root / split) if label is None else f"class folder: {self.root / split / label}"
         rows = f"the {split} rows" if label is None else f"the {split} rows of class {label}"
-        return f"{rows} of data.csv {self.csv}"
+        return f"{rows} of {self.csv}"
 
 
 # ---------------------------------------------------------------------------------------------
-# A CSV of image paths and labels (data=csv)
+# Tables of image paths and labels: any CSV (data=csv), NIH ChestX-ray14, CheXpert
+#
+# Every table becomes rows of {config key: cell}: `path_column`, optionally `patient_column` and
+# `split_column`, and the label cells; `table_listing` turns them into the items the class
+# folders would give. `source` names the table in errors ("data.csv /x.csv", or the file).
+
+Rows = list[tuple[int, dict[str, str]]]
+# CheXpert's values: 1.0 present, 0.0 absent, -1.0 uncertain, blank not mentioned
+UNCERTAIN = {"ones": 1, "zeros": 0, "ignore": UNKNOWN}
+BLANK = {"negative": 0, "ignore": UNKNOWN}
 
 
-def read_table(path: Path, columns: dict[str, str]) -> list[tuple[int, dict[str, str]]]:
+def read_table(path: Path, columns: dict[str, str], source: str | None = None) -> Rows:
     """(line number, {config key: cell}) per non-blank row, for the columns named in `columns`.
 
     `columns` maps a config key (label_column) to the column it names, so that a missing column
     is reported with the key that fixes it. The csv module, not pandas: 100,000 rows take well
     under a second, and quoting, BOMs and line numbers are handled as a spreadsheet writes them.
     """
+    source = source or f"data.csv {path}"
     if not path.is_file():
-        raise DataError(f"data.csv does not exist or is not a file: {path} (pass data.csv=/path/to/labels.csv)")
+        hint = "pass data.csv=/path/to/labels.csv" if source.startswith("data.csv") else "is data.root the dataset?"
+        raise DataError(f"{source} does not exist or is not a file ({hint})")
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:
             reader = csv.reader(file)
             header = [name.strip() for name in next(reader, [])]
             for key, column in columns.items():
                 if column not in header:
-                    raise DataError(f"data.csv {path} has no column {column!r} (data.{key}); its columns: "
+                    raise DataError(f"{source} has no column {column!r} (data.{key}); its columns: "
                                     f"{', '.join(header) or 'none'}")
             at = {key: header.index(column) for key, column in columns.items()}
             rows = []
@@ -213,19 +234,26 @@ def read_table(path: Path, columns: dict[str, str]) -> list[tuple[int, dict[str,
                 if not any(cell.strip() for cell in cells):
                     continue  # blank lines, as spreadsheets leave at the end
                 if len(cells) < len(header):
-                    raise DataError(f"data.csv {path} line {reader.line_num}: {len(cells)} fields, the header "
+                    raise DataError(f"{source} line {reader.line_num}: {len(cells)} fields, the header "
                                     f"has {len(header)}")
                 rows.append((reader.line_num, {key: cells[i].strip() for key, i in at.items()}))
     except OSError as error:
-        raise DataError(f"data.csv cannot be read: {path}: {error.strerror or error}") from None
+        raise DataError(f"{source} cannot be read: {error.strerror or error}") from None
     except (UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"data.csv {path} is not a UTF-8 CSV file: {error}") from None
+        raise DataError(f"{source} is not a UTF-8 CSV file: {error}") from None
     if not rows:
-        raise DataError(f"data.csv {path} has a header but no rows")
+        raise DataError(f"{source} has a header but no rows")
     return rows
 
 
-def csv_classes(data_cfg, rows: list[tuple[int, dict[str, str]]], path: Path) -> list[str]:
+def read_header(path: Path, source: str) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{source} does not exist or is not a file (is data.root the dataset?)")
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        return [name.strip() for name in next(csv.reader(file), [])]
+
+
+def csv_classes(data_cfg, rows: Rows, source: str) -> list[str]:
     """data.classes as given (every label must be one of them), else the labels sorted."""
     if data_cfg.classes is None:
         classes = sorted({row["label_column"] for _, row in rows})
@@ -235,78 +263,212 @@ def csv_classes(data_cfg, rows: list[tuple[int, dict[str, str]]], path: Path) ->
             raise DataError(f"data.classes lists a class twice: {classes}")
         for line, row in rows:
             if row["label_column"] not in classes:
-                raise DataError(f"data.csv {path} line {line}: label {row['label_column']!r} is not in "
+                raise DataError(f"{source} line {line}: label {row['label_column']!r} is not in "
                                 f"data.classes {classes}; add it there or remove the row")
     if "" in classes:
         line = next(line for line, row in rows if not row["label_column"])
-        raise DataError(f"data.csv {path} line {line}: empty {data_cfg.label_column!r} (data.label_column)")
+        raise DataError(f"{source} line {line}: empty {data_cfg.label_column!r} (data.label_column)")
     if len(classes) < 2:
-        raise DataError(f"data.csv {path} has one class ({', '.join(classes)}) in column "
+        raise DataError(f"{source} has one class ({', '.join(classes)}) in column "
                         f"{data_cfg.label_column!r}; need at least two")
     return classes
 
 
-def csv_row_split(row: dict[str, str], line: int, path: Path) -> str:
+def chosen_findings(found: list[str], wanted, source: str) -> list[str]:
+    """data.labels (each one of the table's findings), in that order; else all found, sorted."""
+    if wanted is None:
+        findings = sorted(found)
+    else:
+        findings = [str(name) for name in wanted]
+        unknown = [name for name in findings if name not in found]
+        if unknown:
+            raise DataError(f"data.labels names {', '.join(map(repr, unknown))}, not a finding of {source}; "
+                            f"its findings: {', '.join(sorted(found))}")
+    if not findings:
+        raise DataError(f"{source} has no findings to learn")
+    return findings
+
+
+def separated_labels(data_cfg, rows: Rows, source: str):
+    """Findings joined in one cell ("Effusion|Nodule", NIH's "No Finding" for none): the findings
+    and the row -> (1/0 per finding) function."""
+    def named(row):
+        return {name for name in row["label_column"].split(data_cfg.label_separator)
+                if name and name != data_cfg.no_finding}
+    found = set().union(*(named(row) for _, row in rows))
+    findings = chosen_findings(sorted(found), data_cfg.labels, source)
+    return findings, lambda row, line: tuple(int(name in named(row)) for name in findings)
+
+
+def label_value(cell: str, data_cfg, where: str) -> int:
+    """One finding's cell: 1 / 0 / -1 (uncertain) / blank, by data.uncertain and data.blank."""
+    if cell == "":
+        return BLANK[data_cfg.blank]
+    try:
+        value = float(cell)
+    except ValueError:
+        value = math.nan
+    if value == -1:
+        return UNCERTAIN[data_cfg.uncertain]
+    if value not in (0, 1):
+        raise DataError(f"{where}: label {cell!r} is not 1, 0, -1 (uncertain) or blank")
+    return int(value)
+
+
+def column_labels(data_cfg, findings: list[str], source: str):
+    """One column per finding (data.label_columns, CheXpert): the row -> labels function."""
+    keys = [f"label_columns[{i}]" for i in range(len(findings))]
+    return lambda row, line: tuple(label_value(row[key], data_cfg, f"{source} line {line}, {name}")
+                                   for key, name in zip(keys, findings, strict=True))
+
+
+def csv_row_split(row: dict[str, str], line: int, source: str) -> str:
     """The split a row names in data.split_column (train when there is no split column)."""
     split = row.get("split_column", "train").lower()
     if split not in SPLITS:
-        raise DataError(f"data.csv {path} line {line}: split {row['split_column']!r} in data.split_column "
+        raise DataError(f"{source} line {line}: split {row['split_column']!r} in data.split_column "
                         f"must be one of {'|'.join(SPLITS)}")
     return split
 
 
-def check_files(located: dict[str, int], root: Path, path: Path) -> None:
+def check_files(located: dict[str, int], root: Path, source: str) -> None:
     """Every listed image exists: a wrong data.root would otherwise fail deep inside decoding."""
     missing = [(line, image) for image, line in located.items() if not os.path.isfile(image)]
     if missing:
         line, image = missing[0]
-        raise DataError(f"data.csv {path} line {line}: image not found: {image} ({len(missing)} of "
+        raise DataError(f"{source} line {line}: image not found: {image} ({len(missing)} of "
                         f"{len(located)} missing; paths are read relative to data.root={root})")
 
 
-def index_csv(data_cfg) -> Listing:
-    """data=csv: the rows become the (path, label) items the class folders would give.
+def table_listing(data_cfg, rows: Rows, root: Path, classes: list[str], label_of, source: str,
+                  has_splits: bool, table: Path) -> Listing:
+    """The rows as (path, label) items per split, each image once, with its patient.
 
     Items are sorted by (label, path) as `list_files` sorts them, so a CSV written from a folder
     layout, in any row order, gives the same splits, cache and batches as the folders themselves.
     """
-    path = Path(data_cfg.csv).expanduser()
-    root = Path(data_cfg.root).expanduser() if data_cfg.root is not None else path.parent
-    columns = {key: data_cfg[key] for key in ("path_column", "label_column", "patient_column", "split_column")
-               if data_cfg[key] is not None}
-    rows = read_table(path, columns)
-    classes = csv_classes(data_cfg, rows, path)
-    label_of = {name: label for label, name in enumerate(classes)}
-    items: dict[str, list[tuple[str, int]]] = {name: [] for name in SPLITS}
+    items: dict[str, list] = {name: [] for name in SPLITS}
     located: dict[str, int] = {}  # image -> its line
     patients: dict[str, str] = {}
     for line, row in rows:
         image = str(root / row["path_column"])
         if image in located:
-            raise DataError(f"data.csv {path} line {line}: {image} is listed again (first on line {located[image]})")
+            raise DataError(f"{source} line {line}: {image} is listed again (first on line {located[image]})")
         located[image] = line
-        items[csv_row_split(row, line, path)].append((image, label_of[row["label_column"]]))
+        items[csv_row_split(row, line, source)].append((image, label_of(row, line)))
         patients[image] = row.get("patient_column") or patient_id(image)
-    check_files(located, root, path)
+    check_files(located, root, source)
     items = {name: sorted(listed, key=lambda item: (item[1], item[0])) for name, listed in items.items()}
-    return Listing(root, classes, csv_splits(data_cfg, items, patients.__getitem__, path), patients.__getitem__, path)
+    multilabel = isinstance(items["train"][0][1], tuple) if items["train"] else False
+    return Listing(root, classes, table_splits(data_cfg, items, patients.__getitem__, source, has_splits),
+                   patients.__getitem__, table, multilabel)
 
 
-def csv_splits(data_cfg, items: dict[str, list[tuple[str, int]]], patient_of: Callable[[str], str],
-               path: Path) -> dict[str, list[tuple[str, int]]]:
-    """Train and test from data.split_column, or test carved by patient; val only when official."""
-    if data_cfg.split_column is None:
+def table_splits(data_cfg, items: dict[str, list], patient_of: Callable[[str], str], source: str,
+                 has_splits: bool) -> dict[str, list]:
+    """Train and test as the table says, or test carved by patient; val only when official."""
+    if not has_splits:
         items["train"], items["test"] = split_by_patient(items["train"], data_cfg.test_fraction,
                                                          data_cfg.split_seed, patient_of)
     for name in SPLITS:
         if not items[name] and (name != "val" or data_cfg.val_split == "official"):
             fix = (" (data.val_split=official reads them; data.val_split=from_train carves val from train)"
                    if name == "val" else "")
-            raise DataError(f"data.csv {path} has no {name} rows in column {data_cfg.split_column!r} "
+            raise DataError(f"{source} has no {name} rows in column {data_cfg.split_column!r} "
                             f"(data.split_column){fix}")
     if data_cfg.val_split != "official":
         items["val"] = []  # carved from train later, as the folder layout's val/ is set aside
     return items
+
+
+def index_csv(data_cfg) -> Listing:
+    """data=csv: one label column (a class, or findings joined by data.label_separator), or one
+    column per finding (data.label_columns); paths relative to data.root (default: the CSV's folder)."""
+    path = Path(data_cfg.csv).expanduser()
+    source = f"data.csv {path}"
+    root = Path(data_cfg.root).expanduser() if data_cfg.root is not None else path.parent
+    keys = ["path_column", "patient_column", "split_column"] + ([] if data_cfg.label_columns else ["label_column"])
+    columns = {key: data_cfg[key] for key in keys if data_cfg[key] is not None}
+    columns.update({f"label_columns[{i}]": name for i, name in enumerate(data_cfg.label_columns or [])})
+    rows = read_table(path, columns, source)
+    if data_cfg.label_columns:
+        classes = chosen_findings(list(data_cfg.label_columns), data_cfg.labels, source)
+        keep = [list(data_cfg.label_columns).index(name) for name in classes]
+        for _, row in rows:  # data.labels picks columns: renumber them in its order
+            picked = [row.pop(f"label_columns[{i}]") for i in range(len(data_cfg.label_columns))]
+            row.update({f"label_columns[{j}]": picked[i] for j, i in enumerate(keep)})
+        label_of = column_labels(data_cfg, classes, source)
+    elif data_cfg.label_separator is not None:
+        classes, label_of = separated_labels(data_cfg, rows, source)
+    else:
+        classes = csv_classes(data_cfg, rows, source)
+        label_index = {name: label for label, name in enumerate(classes)}
+        label_of = lambda row, line: label_index[row["label_column"]]  # noqa: E731
+    return table_listing(data_cfg, rows, root, classes, label_of, source, data_cfg.split_column is not None, path)
+
+
+NIH_TABLE = "Data_Entry_2017.csv"
+NIH_TEST_LIST = "test_list.txt"  # the official test split (train_val_list.txt: everything else)
+
+
+def dataset_folder(root) -> Path:
+    if root is None or not Path(root).expanduser().is_dir():
+        raise DataError(f"data.root does not exist or is not a folder: {root}")
+    return Path(root).expanduser()
+
+
+def index_nih(data_cfg) -> Listing:
+    """data=nih: Data_Entry_2017.csv ("Finding Labels" joined by |, "No Finding", "Patient ID"),
+    images found under images*/ (the archive's images_001/images/ ...), and the official
+    test_list.txt as the test split (without it, test is carved by patient)."""
+    if data_cfg.synthetic is not None:
+        ensure_synthetic(data_cfg.root, data_cfg.synthetic)
+    root = dataset_folder(data_cfg.root)
+    table = root / NIH_TABLE
+    source = str(table)
+    rows = read_table(table, {"path_column": "Image Index", "label_column": "Finding Labels",
+                              "patient_column": "Patient ID"}, source)
+    found = {path.name: path for folder in sorted(root.glob("images*")) for path in folder.rglob("*.png")}
+    official_test = (root / NIH_TEST_LIST).is_file()
+    test_names = set((root / NIH_TEST_LIST).read_text().split()) if official_test else set()
+    for _, row in rows:
+        name = row["path_column"]
+        if official_test:
+            row["split_column"] = "test" if name in test_names else "train"
+        row["path_column"] = str(found[name].relative_to(root)) if name in found else f"images*/{name}"
+    classes, label_of = separated_labels(data_cfg, rows, source)
+    return table_listing(data_cfg, rows, root, classes, label_of, source, official_test, table)
+
+
+# CheXpert's columns that are not findings ("No Finding" is the absence of all of them)
+CHEXPERT_META = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding")
+CHEXPERT_PATIENT = re.compile(r"(patient\d+)")
+
+
+def index_chexpert(data_cfg) -> Listing:
+    """data=chexpert: train.csv (train, val carved by patient) and valid.csv (the labelled
+    held-out split: test) in data.root, paths like CheXpert-v1.0-small/train/patient00001/...
+    relative to the folder above it. Uncertain (-1) and blank cells follow data.uncertain and
+    data.blank; data.views=frontal keeps frontal images only."""
+    root = dataset_folder(data_cfg.root)
+    tables = {"train": root / "train.csv", "test": root / "valid.csv"}
+    source = f"{root}/{{train,valid}}.csv"
+    header = read_header(tables["train"], str(tables["train"]))
+    findings = chosen_findings([name for name in header if name not in CHEXPERT_META], data_cfg.labels, source)
+    columns = {"path_column": "Path", "views": "Frontal/Lateral",
+               **{f"label_columns[{i}]": name for i, name in enumerate(findings)}}
+    rows = []
+    for split, table in tables.items():
+        for line, row in read_table(table, columns, str(table)):
+            if data_cfg.views == "frontal" and row["views"] != "Frontal":
+                continue
+            patient = CHEXPERT_PATIENT.search(row["path_column"])
+            row.update(split_column=split, patient_column=patient.group(1) if patient else "")
+            rows.append((line, row))
+    first = Path(rows[0][1]["path_column"]).parts[0] if rows else ""
+    base = root.parent if first == root.name else root  # paths name the dataset's own folder
+    return table_listing(data_cfg, rows, base, findings, column_labels(data_cfg, findings, source), source,
+                         True, tables["train"])
 
 
 def index_folders(data_cfg) -> Listing:
@@ -322,9 +484,12 @@ def index_folders(data_cfg) -> Listing:
     return Listing(root, classes, items)
 
 
+LAYOUTS = {"folders": index_folders, "csv": index_csv, "nih": index_nih, "chexpert": index_chexpert}
+
+
 def load_dataset(data_cfg) -> Dataset:
     """Everything `run()` needs from the data config: classes and three decoded splits."""
-    listing = index_csv(data_cfg) if data_cfg.layout == "csv" else index_folders(data_cfg)
+    listing = LAYOUTS[data_cfg.layout](data_cfg)
     items = dict(listing.items)
     if data_cfg.val_split != "official":
         items["train"], items["val"] = split_by_patient(items["train"], data_cfg.val_fraction,
@@ -336,11 +501,15 @@ def load_dataset(data_cfg) -> Dataset:
         splits[name] = load_split(chosen, data_cfg.image_size, cache_dir, data_cfg.decode_workers, name)
         if len(splits[name]) == 0:
             raise DataError(f"no readable images in {listing.where(name)}")
-    # a class of unreadable files only would leave one class to train on, and no error
-    for label, name in enumerate(listing.classes):
-        if not (splits["train"].labels == label).any():
-            raise DataError(f"no readable images in {listing.where('train', name)}")
-    dataset = Dataset(listing.root, listing.classes, **splits)
+    if listing.multilabel:
+        absent = [name for k, name in enumerate(listing.classes) if not (splits["train"].labels[:, k] == 1).any()]
+        if absent:  # it can still be scored where other splits have it; its AUROC is null otherwise
+            log.warning("no positive training image of %s", ", ".join(absent))
+    else:  # a class of unreadable files only would leave one class to train on, and no error
+        for label, name in enumerate(listing.classes):
+            if not (splits["train"].labels == label).any():
+                raise DataError(f"no readable images in {listing.where('train', name)}")
+    dataset = Dataset(listing.root, listing.classes, **splits, multilabel=listing.multilabel)
     if dataset.skipped:
         log.warning("skipped %d unreadable file(s): %s", len(dataset.skipped), ", ".join(dataset.skipped))
     return dataset

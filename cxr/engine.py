@@ -51,6 +51,41 @@ class TrainingState:
         return improved
 
 
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy for class indices (N,); for multi-label (N, K) values in {1, 0, -1 unknown},
+    binary cross-entropy per finding (positives weighted by pos_weight) averaged over the known
+    entries only, so an unknown label neither rewards nor punishes any output."""
+    if labels.ndim == 1:
+        return F.cross_entropy(logits.float(), labels)
+    known = labels >= 0
+    losses = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
+                                                pos_weight=pos_weight, reduction="none")
+    return (losses * known).sum() / known.sum().clamp(min=1)
+
+
+def balanced_pos_weight(labels: torch.Tensor) -> torch.Tensor | None:
+    """trainer.pos_weight=balanced: each finding's positives weighted by its negatives / positives
+    among the known training labels (1 where a finding has no positives); None for single-label."""
+    if labels.ndim == 1:
+        return None
+    positives, negatives = (labels == 1).sum(0).float(), (labels == 0).sum(0).float()
+    return torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones_like(positives))
+
+
+def correct_of(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """Right answers and how many were counted: images (argmax), or known (image, finding)
+    entries at probability 0.5 (multi-label)."""
+    if labels.ndim == 1:
+        return (logits.argmax(1) == labels).sum(), labels.shape[0]
+    known = labels >= 0
+    return (((logits > 0) == (labels == 1)) & known).sum(), known.sum()
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Class probabilities (softmax over the classes) or one independent probability per finding."""
+    return torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), dim=1)
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
         return nullcontext()
@@ -61,9 +96,9 @@ def train_one_epoch(model, optimizer, batches: Iterable, *, device: torch.device
                     amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                     grad_clip: float | None = None, log_every: int = 10, total: int | None = None,
                     progress: bool = True, should_stop=lambda: False, scheduler=None,
-                    accumulate_steps: int = 1) -> dict:
-    """Train on every (inputs, labels) batch once: {"loss", "acc"} averaged over images, all
-    ranks, and "lrs", the first parameter group's lr of each optimizer step.
+                    accumulate_steps: int = 1, pos_weight: torch.Tensor | None = None) -> dict:
+    """Train on every (inputs, labels) batch once: {"loss", "acc"} averaged over images (multi-label:
+    known entries), all ranks, and "lrs", the first parameter group's lr of each optimizer step.
 
     With accumulate_steps=k the gradients of k batches are summed, each loss divided by the
     number of batches in its group (k, or fewer in the epoch's last group, which `total` tells),
@@ -73,7 +108,7 @@ def train_one_epoch(model, optimizer, batches: Iterable, *, device: torch.device
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
-    seen = 0
+    seen = torch.zeros((), device=device)  # images, or known multi-label entries: no host sync
     step = 0
     lrs: list[float] = []
     pending: list[torch.Tensor] = []  # losses since the last check, kept on the device
@@ -84,26 +119,26 @@ def train_one_epoch(model, optimizer, batches: Iterable, *, device: torch.device
         group_size = group_end - (math.ceil(step / accumulate_steps) - 1) * accumulate_steps
         with autocast(device, amp_dtype):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = loss_of(logits, labels, pos_weight)
         backward(loss / group_size, scaler)
         if step == group_end or should_stop():
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer_step(model, optimizer, scaler, grad_clip)
             if scheduler is not None:
                 scheduler.step()
-        n = labels.shape[0]
-        loss_sum += loss.detach() * n
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += n
+        right, counted = correct_of(logits.detach(), labels)
+        loss_sum += loss.detach() * counted
+        correct += right
+        seen += counted
         pending.append(loss.detach())
         if step % log_every == 0 or step == total:
             _check_finite(pending, epoch, step)
             pending.clear()
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+            bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}")
         if should_stop():
             break
     _check_finite(pending, epoch, step)
-    totals = _all_reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]))
+    totals = _all_reduce(torch.stack([loss_sum, correct, seen]))
     return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(), "lrs": lrs}
 
 
@@ -140,20 +175,31 @@ def _check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> Non
 @torch.no_grad()
 def evaluate(model, batches: Iterable, *, device: torch.device,
              amp_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean cross-entropy, class probabilities (N, C) and labels (N,), gathered from all ranks."""
+    """Mean loss (`mean_loss`), probabilities (N, C) and labels (N,) or (N, K), gathered from all ranks."""
     model.eval()
     probs, labels = [], []
     for x, y in batches:
         with autocast(device, amp_dtype):
             logits = model(x)
-        probs.append(torch.softmax(logits.float(), dim=1))
+        probs.append(probabilities(logits, multilabel=y.ndim == 2))
         labels.append(y)
     probs_t = torch.cat(probs) if probs else torch.zeros(0, 0, device=device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     probs_np, labels_np = _gather(probs_t.cpu().numpy(), labels_t.cpu().numpy())
-    picked = probs_np[np.arange(len(labels_np)), labels_np]
-    loss = float(-np.log(np.clip(picked, 1e-12, 1)).mean()) if len(labels_np) else math.nan
-    return loss, probs_np, labels_np
+    return mean_loss(probs_np, labels_np), probs_np, labels_np
+
+
+def mean_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Cross-entropy of the true classes; multi-label: binary cross-entropy over the known entries
+    (unweighted, so that validation losses compare across trainer.pos_weight settings)."""
+    if labels.ndim == 1:
+        picked = probs[np.arange(len(labels)), labels]
+        return float(-np.log(np.clip(picked, 1e-12, 1)).mean()) if len(labels) else math.nan
+    known = labels >= 0
+    if not known.any():
+        return math.nan
+    likelihood = np.where(labels == 1, probs, 1 - probs)
+    return float(-np.log(np.clip(likelihood[known], 1e-12, 1)).mean())
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +217,7 @@ def _gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     dist.all_gather_object(parts, (probs, labels))
     n = sum(len(p[1]) for p in parts)
     out_probs = np.zeros((n, parts[0][0].shape[1]), dtype=np.float32)
-    out_labels = np.zeros(n, dtype=np.int64)
+    out_labels = np.zeros((n, *parts[0][1].shape[1:]), dtype=np.int64)
     for rank, (p, y) in enumerate(parts):
         out_probs[rank::world], out_labels[rank::world] = p, y
     return out_probs, out_labels

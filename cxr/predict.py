@@ -1,7 +1,7 @@
 """`python -m cxr.predict checkpoint=PATH inputs=PATH`: classify chest X-rays with a trained model.
 
     python -m cxr.predict checkpoint=outputs/runs/<run>/best.pt inputs=xrays/ \\
-        [output=predictions.csv] [gradcam=DIR] [batch_size=32] [device=auto]
+        [output=predictions.csv] [gradcam=DIR] [gradcam_class=NAME] [batch_size=32] [device=auto]
 
 `inputs` is one image or a folder searched recursively for JPEG and PNG files (hidden files and
 macOS' __MACOSX/ left out), of any size, grayscale or RGB. Everything else comes from the
@@ -9,9 +9,11 @@ checkpoint, never from the current config: image size, normalisation, class name
 shape and the decision threshold chosen on validation.
 
 `output` gets one row per file: path, the probability of each class, the label, and a status
-(`ok`, or `unreadable`: such files are listed and warned about, never fatal). `gradcam=DIR` also
-writes a Grad-CAM overlay of the positive class per image, at the image's own size, as
-DIR/<path below inputs>.png.
+(`ok`, or `unreadable`: such files are listed and warned about, never fatal). A multi-label
+model gives a probability per finding, and the label lists the findings above their thresholds
+(joined by |; "No Finding" when none is). `gradcam=DIR` also writes a Grad-CAM overlay per image,
+at the image's own size, as DIR/<path below inputs>.png: of the positive class, or of
+`gradcam_class=<class or finding>` (default for multi-label: the first finding).
 
 Arguments are key=value pairs, as for `python -m cxr.train`; a misspelt key is refused.
 """
@@ -31,6 +33,7 @@ from cxr.batches import eval_batches, preprocess
 from cxr.checkpoint import CheckpointError, load_classifier
 from cxr.data import is_visible, positive_index
 from cxr.decoding import decode_split
+from cxr.engine import probabilities
 from cxr.explain import GradCamUnavailable, check_grad_cam, grad_cam, save_overlay
 from cxr.metrics import decide
 from cxr.model import Classifier, WeightsError
@@ -49,6 +52,8 @@ class PredictConfig:
     inputs: str = MISSING
     output: str = "predictions.csv"
     gradcam: str | None = None
+    # the class (multi-label: the finding) Grad-CAM explains; null: the positive class, or the first finding
+    gradcam_class: str | None = None
     batch_size: int = 32
     device: str = "auto"
 
@@ -71,15 +76,16 @@ def find_images(inputs: str | Path) -> list[Path]:
     )
 
 
-def classify(model: Classifier, settings: dict, files: list[Path], device: torch.device,
-             batch_size: int = 32, overlays: dict[str, Path] | None = None) -> list[dict]:
+def classify(model: Classifier, settings: dict, files: list[Path], device: torch.device, batch_size: int = 32,
+             overlays: dict[str, Path] | None = None, gradcam_class: str | None = None) -> list[dict]:
     """One row per file, in the order of `files`: path, prob_<class>..., label, status.
 
     With `overlays` (file -> PNG to write), the Grad-CAM forward pass gives the probabilities
-    too, and each readable image's overlay is written where `overlays` says.
+    too, and each readable image's overlay (of `gradcam_class`) is written where `overlays` says.
     """
-    classes, threshold = settings["classes"], settings["threshold"]
+    classes, threshold, multilabel = settings["classes"], settings["threshold"], settings.get("multilabel", False)
     positive = positive_index(classes)
+    target = cam_target(classes, multilabel, gradcam_class)
     rows = {}
     for start in range(0, len(files), DECODE_CHUNK):
         # decode_split, as in training, with -1 for the labels that predict does not have
@@ -95,16 +101,25 @@ def classify(model: Classifier, settings: dict, files: list[Path], device: torch
                     logits = model(x)
                 cams = [None] * len(x)
             else:
-                cams, logits = grad_cam(model, x, positive)
-            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                cams, logits = grad_cam(model, x, target)
+            probs = probabilities(logits, multilabel).cpu().numpy()
             labels = decide(probs, threshold, positive)
             for p, label, cam in zip(probs, labels, cams, strict=True):
                 path = next(paths)
-                rows[path] = results.prediction_row(path, p, classes[label], classes)
+                rows[path] = results.prediction_row(path, p, results.decision_label(label, classes), classes)
                 if cam is not None:
                     overlays[path].parent.mkdir(parents=True, exist_ok=True)
                     save_overlay(path, cam, overlays[path])
     return [rows[str(path)] for path in files]
+
+
+def cam_target(classes: list[str], multilabel: bool, name: str | None) -> int:
+    """The output Grad-CAM explains: `name` (gradcam_class), else the positive class or first finding."""
+    if name is None:
+        return 0 if multilabel else positive_index(classes)
+    if name not in classes:
+        raise PredictError(f"gradcam_class={name} is not one of the checkpoint's classes: {', '.join(classes)}")
+    return classes.index(name)
 
 
 def parse_args(argv: list[str]) -> PredictConfig:
@@ -138,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         model, settings = load_classifier(cfg.checkpoint, device)
         if cfg.gradcam is not None:
             check_grad_cam(model)
+            cam_target(settings["classes"], settings.get("multilabel", False), cfg.gradcam_class)
     except (PredictError, CheckpointError, DeviceError, WeightsError, GradCamUnavailable) as error:
         log.error("%s", error)
         return 1
@@ -146,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(cfg.inputs) if Path(cfg.inputs).is_dir() else Path(cfg.inputs).parent
         overlays = {str(p): Path(cfg.gradcam) / p.relative_to(root).with_suffix(".png")
                     for p in files}
-    rows = classify(model, settings, files, device, cfg.batch_size, overlays)
+    rows = classify(model, settings, files, device, cfg.batch_size, overlays, cfg.gradcam_class)
     results.write_predictions(rows, settings["classes"], cfg.output)
     unreadable = [row["path"] for row in rows if row["status"] != "ok"]
     if unreadable:

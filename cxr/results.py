@@ -10,7 +10,8 @@ through it, `aggregate.py` reads them through it. A record's status is one of
 
 The metric names are the same in result.json, TensorBoard and the report: `<split>/<metric>`.
 
-Per-image predictions share one CSV layout: `path, prob_<class>..., label[, truth], status`,
+Per-image predictions share one CSV layout: `path, prob_<class>..., label[, truth], status`
+(multi-label: a probability per finding; label and truth are the findings joined by |),
 written by cxr.predict (predictions.csv) and by each run for its test split
 (test_predictions.csv, with the true class, from the checkpoint and threshold chosen on
 validation).
@@ -21,6 +22,8 @@ import json
 import math
 import os
 from pathlib import Path
+
+import numpy as np
 
 from cxr.files import atomic_write
 
@@ -58,14 +61,27 @@ def new_record(cfg, overrides) -> dict:
 
 
 def data_summary(dataset) -> dict:
-    return {"classes": dataset.classes, "train": len(dataset.train), "val": len(dataset.val),
-            "test": len(dataset.test), "skipped_files": len(dataset.skipped),
-            "skipped": dataset.skipped, "root": str(dataset.root)}
+    """Classes (or findings), split sizes, skipped files; multi-label: each split's count of
+    positive, negative and unknown labels per finding (what data.uncertain and data.blank change)."""
+    summary = {"classes": dataset.classes, "multilabel": dataset.multilabel, "train": len(dataset.train),
+               "val": len(dataset.val), "test": len(dataset.test), "skipped_files": len(dataset.skipped),
+               "skipped": dataset.skipped, "root": str(dataset.root)}
+    if dataset.multilabel:
+        summary["label_counts"] = {
+            name: {finding: {"positive": int((split.labels[:, k] == 1).sum()),
+                             "negative": int((split.labels[:, k] == 0).sum()),
+                             "unknown": int((split.labels[:, k] < 0).sum())}
+                   for k, finding in enumerate(dataset.classes)}
+            for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
+    return summary
 
 
 def split_metrics(split: str, loss: float, metrics: dict) -> dict:
-    """{"<split>/loss": ..., "<split>/acc": ...} from a loss and cxr.metrics' scalar metrics."""
-    return {f"{split}/loss": loss, **{f"{split}/{name}": metrics[name] for name in METRICS if name in metrics}}
+    """{"<split>/loss": ..., "<split>/acc": ...} from a loss and cxr.metrics' scalar metrics, the
+    per-finding ones (`<split>/auroc/<finding>`) after the means."""
+    names = [name for name in METRICS if name in metrics]
+    names += [name for name in metrics if "/" in name and name.split("/")[0] in METRICS]
+    return {f"{split}/loss": loss, **{f"{split}/{name}": metrics[name] for name in names}}
 
 
 def at_reference_threshold(metrics: dict) -> dict:
@@ -114,6 +130,16 @@ def flat(record: dict) -> dict:
     for key, interval in (record.get("intervals") or {}).items():
         values[f"{key}_ci95"] = tuple(interval) if interval else None
     return values
+
+
+NO_FINDING = "No Finding"  # the label of an image with no finding called (NIH's and CheXpert's name)
+
+
+def decision_label(decision, classes: list[str]) -> str:
+    """A class name, or (multi-label, 1/0 per finding) the findings called, joined by |."""
+    if isinstance(decision, int | np.integer):
+        return classes[decision]
+    return "|".join(name for name, called in zip(classes, decision, strict=True) if called == 1) or NO_FINDING
 
 
 def prediction_row(path: str, probs, label: str, classes: list[str], truth: str | None = None) -> dict:

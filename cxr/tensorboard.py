@@ -24,7 +24,7 @@ from torchvision.utils import make_grid  # noqa: E402
 
 from cxr.batches import Augment, denormalise, preprocess  # noqa: E402
 from cxr.explain import GradCamUnavailable, grad_cam, overlay  # noqa: E402
-from cxr.results import DECIDING_METRICS  # noqa: E402
+from cxr.results import DECIDING_METRICS, decision_label  # noqa: E402
 
 log = logging.getLogger("cxr")
 
@@ -97,11 +97,15 @@ class RunBoard:
             return
         inputs = preprocess(images, channels_last=False, augment=augment)
         self.writer.add_image("inputs/train", make_grid(denormalise(inputs).cpu(), nrow=8), 0)
-        self.writer.add_text("inputs/train_labels", ", ".join(classes[i] for i in labels.tolist()), 0)
+        names = [decision_label(y, classes) for y in labels.cpu().numpy()]
+        self.writer.add_text("inputs/train_labels", ", ".join(names), 0)
 
     def test_figures(self, labels: np.ndarray, probs: np.ndarray, confusion: list,
                      classes: list[str], positive: int, step: int) -> None:
         if self.writer is None:
+            return
+        if labels.ndim == 2:
+            self.finding_rocs(labels, probs, classes, step)
             return
         fig, ax = plt.subplots(figsize=(4, 4))
         ConfusionMatrixDisplay(np.array(confusion), display_labels=classes).plot(ax=ax, colorbar=False)
@@ -114,30 +118,47 @@ class RunBoard:
             ax.set_title("test ROC")
             self.writer.add_figure("test/roc", fig, step)
 
+    def finding_rocs(self, labels: np.ndarray, probs: np.ndarray, findings: list[str], step: int) -> None:
+        """Multi-label: the test ROC curve of each finding (its known entries), in one figure."""
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for k, name in enumerate(findings):
+            known = labels[:, k] >= 0
+            if len(np.unique(labels[known, k])) == 2:
+                RocCurveDisplay.from_predictions(labels[known, k] == 1, probs[known, k], ax=ax, name=name)
+        ax.set_title("test ROC per finding")
+        self.writer.add_figure("test/roc", fig, step)
+
     def gradcam(self, model, images: torch.Tensor, labels: np.ndarray, probs: np.ndarray,
                 classes: list[str], positive: int, step: int, per_class: int = 4) -> None:
-        """Grad-CAM of the positive class on the first few test images of each class, one row each.
+        """Grad-CAM on the first few test images of each class, one row each, for the positive
+        class; multi-label: one row per finding, its positive images, for that finding.
 
         `images` are the split's uint8 squares (N, 1, S, S) as cached, so the overlays are at the
         network's input size; `python -m cxr.predict ... gradcam=DIR` writes them at full size.
         """
         if self.writer is None:
             return
-        picks = [np.flatnonzero(labels == c)[:per_class] for c in range(len(classes))]
-        cells = [(row, col, i) for row, indices in enumerate(picks) for col, i in enumerate(indices)]
-        try:
-            cams, _ = grad_cam(model, preprocess(images[[i for _, _, i in cells]], channels_last=False), positive)
-        except GradCamUnavailable as reason:
-            log.info("no test/gradcam figure: %s", reason)
-            return
+        multilabel = labels.ndim == 2
+        rows = [(k, np.flatnonzero(labels[:, k] == 1 if multilabel else labels == k)[:per_class])
+                for k in range(len(classes))]
         fig, axes = plt.subplots(len(classes), per_class, squeeze=False,
                                  figsize=(2.2 * per_class, 2.4 * len(classes)))
         for ax in axes.flat:
             ax.axis("off")
-        for (row, col, i), cam in zip(cells, cams, strict=True):
-            axes[row, col].imshow(overlay(images[i, 0].cpu().numpy(), cam))
-            axes[row, col].set_title(f"{classes[labels[i]]}  P({classes[positive]})={probs[i, positive]:.2f}",
-                                     fontsize=7)
+        for row, indices in rows:
+            if len(indices) == 0:  # a finding without positive test images: its row stays empty
+                continue
+            target = row if multilabel else positive
+            try:
+                cams, _ = grad_cam(model, preprocess(images[indices], channels_last=False), target)
+            except GradCamUnavailable as reason:
+                log.info("no test/gradcam figure: %s", reason)
+                plt.close(fig)
+                return
+            for col, (i, cam) in enumerate(zip(indices, cams, strict=True)):
+                axes[row, col].imshow(overlay(images[i, 0].cpu().numpy(), cam))
+                shown = f"{classes[row]}+" if multilabel else classes[labels[i]]
+                axes[row, col].set_title(f"{shown}  P({classes[target]})={probs[i, target]:.2f}", fontsize=7)
         fig.tight_layout()
         self.writer.add_figure("test/gradcam", fig, step)
 

@@ -28,7 +28,7 @@ from cxr.batches import epoch_augment
 from cxr.checkpoint import BEST, LAST, CheckpointError, Checkpoints
 from cxr.config import CONF_DIR, ConfigError, effective, register_configs, validate
 from cxr.data import DataError, load_dataset, positive_index
-from cxr.engine import NonFiniteLossError, TrainingState, evaluate, train_one_epoch
+from cxr.engine import NonFiniteLossError, TrainingState, balanced_pos_weight, evaluate, train_one_epoch
 from cxr.features import TrainingView, training_view
 from cxr.metrics import (
     bootstrap_intervals,
@@ -36,6 +36,7 @@ from cxr.metrics import (
     classification_metrics,
     collapse_warnings,
     decide,
+    is_per_finding,
     majority_rate,
     scalar_metrics,
 )
@@ -86,7 +87,8 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     epoch_steps = optimizer_steps(micro_steps(len(view.train), runtime.world, cfg.trainer.batch_size),
                                   cfg.trainer.accumulate_steps)
     scheduler = build_scheduler(optimizer, cfg.scheduler, epoch_steps, cfg.trainer.epochs)
-    checkpoints = Checkpoints(output_dir, model, optimizer, scheduler, runtime, cfg, dataset.classes)
+    checkpoints = Checkpoints(output_dir, model, optimizer, scheduler, runtime, cfg, dataset.classes,
+                              dataset.multilabel)
 
     state = resume_or_start(checkpoints, cfg)
     board = RunBoard(output_dir, state.epoch + 1, runtime.is_main)
@@ -98,7 +100,8 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
                              first_step=state.epoch + 1)
     trained = runtime.wrap(view.module, cfg.trainer.compile)
     with cpu_threads(view.cpu_threads, runtime.device):
-        fit(trained, optimizer, scheduler, view, checkpoints, state, board, cfg, runtime, dataset.positive_index)
+        fit(trained, optimizer, scheduler, view, checkpoints, state, board, cfg, runtime, dataset.classes,
+            balanced_pos_weight(splits[0].labels) if cfg.trainer.pos_weight == "balanced" else None)
         threshold = checkpoints.load_best()
         test_loss, probs, labels = evaluate(trained, view.eval_inputs(view.test, cfg.trainer.eval_batch_size,
                                                                       runtime.rank, runtime.world),
@@ -133,10 +136,10 @@ def micro_steps(images: int, world: int, batch_size: int) -> int:
 
 
 def fit(module, optimizer, scheduler, view: TrainingView, checkpoints: Checkpoints, state: TrainingState,
-        board: RunBoard, cfg, runtime: Runtime, positive: int) -> None:
+        board: RunBoard, cfg, runtime: Runtime, classes: list[str], pos_weight: torch.Tensor | None) -> None:
     """Epochs state.epoch+1 .. trainer.epochs: train, validate, keep last.pt and the best epoch;
     with trainer.patience, stop once trainer.monitor has not improved for that many epochs."""
-    trainer = cfg.trainer
+    trainer, positive = cfg.trainer, positive_index(classes)
     steps = micro_steps(len(view.train), runtime.world, trainer.batch_size)
     sign = -1.0 if trainer.monitor == "val/loss" else 1.0
     if state.epoch == 0:  # the state before any training: a run stopped in epoch 1 resumes from here
@@ -154,7 +157,7 @@ def fit(module, optimizer, scheduler, view: TrainingView, checkpoints: Checkpoin
                 device=runtime.device, epoch=epoch, amp_dtype=runtime.amp_dtype, scaler=runtime.scaler,
                 grad_clip=trainer.grad_clip, log_every=trainer.log_every, total=steps,
                 progress=trainer.progress and runtime.is_main, should_stop=lambda: stop.received is not None,
-                scheduler=scheduler, accumulate_steps=trainer.accumulate_steps)
+                scheduler=scheduler, accumulate_steps=trainer.accumulate_steps, pos_weight=pos_weight)
             raise_if_stopped(stop, state, checkpoints)
             lrs = train.pop("lrs")
             board.learning_rates(lrs, first_step=scheduler.last_epoch - len(lrs) + 1)
@@ -163,7 +166,7 @@ def fit(module, optimizer, scheduler, view: TrainingView, checkpoints: Checkpoin
                 device=runtime.device, amp_dtype=runtime.amp_dtype)
             threshold = choose_threshold(trainer.threshold, val_labels, val_probs, positive)
             row = results.epoch_row(epoch, train, val_loss,
-                                    classification_metrics(val_labels, val_probs, threshold, positive))
+                                    classification_metrics(val_labels, val_probs, threshold, positive, classes))
             improved = state.advance(row, sign * row[trainer.monitor], threshold,
                                      (time.perf_counter() - epoch_start) * 1000)
             log.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %.3f%s",
@@ -196,7 +199,8 @@ def complete(record: dict, state: TrainingState, threshold: float, test_loss: fl
              labels: np.ndarray, classes: list[str], cfg) -> None:
     """The record of a finished run: the best epoch's train/val metrics, the test split's once."""
     positive = positive_index(classes)
-    test_metrics = classification_metrics(labels, probs, threshold, positive)
+    test_metrics = classification_metrics(labels, probs, threshold, positive, classes)
+    reference = [0.5] * len(classes) if is_per_finding(threshold) else 0.5
     best_row = state.history[state.best_epoch - 1]
     warnings = collapse_warnings(labels, probs, threshold, positive, classes)
     for warning in warnings:
@@ -205,17 +209,18 @@ def complete(record: dict, state: TrainingState, threshold: float, test_loss: fl
         status=results.OK, best_epoch=state.best_epoch, stopped_epoch=state.stopped_epoch, threshold=threshold,
         metrics={**{k: v for k, v in best_row.items() if k != "epoch"},
                  **results.split_metrics("test", test_loss, test_metrics),
-                 **results.at_reference_threshold(scalar_metrics(labels, probs, 0.5, positive))},
+                 **results.at_reference_threshold(scalar_metrics(labels, probs, reference, positive, classes))},
         confusion=test_metrics["confusion"], majority_rate=majority_rate(labels), warnings=warnings,
         intervals={f"test/{k}": v for k, v in bootstrap_intervals(
-            labels, probs, threshold, positive, cfg.trainer.bootstrap, seed=0).items()},
+            labels, probs, threshold, positive, cfg.trainer.bootstrap, seed=0, findings=classes).items()},
         history=state.history, hparams=hparams_of(cfg))
 
 
 def write_test_predictions(output_dir: Path, paths: list[str], probs: np.ndarray, labels: np.ndarray,
                            threshold: float, classes: list[str]) -> None:
     decisions = decide(probs, threshold, positive_index(classes))
-    rows = [results.prediction_row(path, p, classes[d], classes, truth=classes[y])
+    rows = [results.prediction_row(path, p, results.decision_label(d, classes), classes,
+                                   truth=results.decision_label(y, classes))
             for path, p, d, y in zip(paths, probs, decisions, labels, strict=True)]
     results.write_predictions(rows, classes, output_dir / results.PREDICTIONS_FILE)
 
@@ -233,10 +238,12 @@ def report(record: dict, board: RunBoard, model, test_split, probs: np.ndarray, 
     board.close()
     record["checkpoint"] = str(output_dir / BEST)
     results.write(output_dir, record)
+    threshold = record["threshold"]
     log.info("test acc %.4f (majority class %.4f)  balanced acc %.4f  auroc %.4f  sensitivity %.4f  "
-             "specificity %.4f  [best epoch %d, threshold %.3f]  %s", metrics["test/acc"], record["majority_rate"],
+             "specificity %.4f  [best epoch %d, threshold %s]  %s", metrics["test/acc"], record["majority_rate"],
              metrics["test/balanced_acc"], metrics["test/auroc"], metrics["test/sensitivity"],
-             metrics["test/specificity"], record["best_epoch"], record["threshold"], output_dir)
+             metrics["test/specificity"], record["best_epoch"],
+             " ".join(f"{t:.3f}" for t in threshold) if is_per_finding(threshold) else f"{threshold:.3f}", output_dir)
 
 
 def used_run_dir(output_dir: Path) -> str | None:

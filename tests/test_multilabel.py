@@ -1,0 +1,270 @@
+"""Multi-label datasets: NIH ChestX-ray14 and CheXpert layouts built from generated images,
+checked against hand counts of the tables written here and against scikit-learn."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cxr.data import load_dataset
+from cxr.engine import balanced_pos_weight, loss_of
+from cxr.metrics import choose_threshold, scalar_metrics
+from cxr.predict import main as predict_main
+from cxr.train import run
+
+FINDINGS = ("Effusion", "Nodule", "Pneumonia")
+NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+              "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
+# a sign per finding: a bright block in its own part of the image
+REGIONS = {"Effusion": (slice(44, 60), slice(4, 28)), "Nodule": (slice(8, 20), slice(40, 52)),
+           "Pneumonia": (slice(24, 40), slice(20, 44)), "Cardiomegaly": (slice(40, 56), slice(36, 60)),
+           "Edema": (slice(4, 16), slice(4, 16))}
+
+
+def draw(rng: np.random.Generator, findings) -> Image.Image:
+    pixels = rng.normal(90, 25, (64, 64))
+    for name in findings:
+        pixels[REGIONS[name]] += 90
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+
+
+def runner_overrides(root, *extra):
+    return [f"data.root={root}", "model.weights=null", "model.backbone=resnet18", "model.freeze_backbone=true",
+            "data.image_size=64", "trainer.epochs=8", "trainer.batch_size=16", "trainer.bootstrap=50",
+            "trainer.progress=false", "trainer.device=cpu", "optimizer.lr=1e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def nih_root(tmp_path_factory):
+    """NIH layout: Data_Entry_2017.csv, test_list.txt, train_val_list.txt, images_001/images/*.png;
+    60 patients of 2 images, findings drawn independently (so they co-occur), a third in test."""
+    root = tmp_path_factory.mktemp("nih")
+    (root / "images_001" / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows, test = [], []
+    for patient in range(1, 61):
+        for follow_up in range(2):
+            name = f"{patient:08d}_{follow_up:03d}.png"
+            findings = [f for f in FINDINGS if rng.random() < 0.4]
+            draw(rng, findings).save(root / "images_001" / "images" / name)
+            rows.append([name, "|".join(findings) or "No Finding", follow_up, patient, 50, "M", "PA", 64, 64,
+                         0.14, 0.14])
+            (test if patient % 3 == 0 else []).append(name)
+    with open(root / "Data_Entry_2017.csv", "w", newline="") as f:
+        csv.writer(f).writerows([NIH_HEADER, *rows])
+    (root / "test_list.txt").write_text("\n".join(test) + "\n")
+    (root / "train_val_list.txt").write_text("\n".join(r[0] for r in rows if r[0] not in test) + "\n")
+    return root
+
+
+CHEXPERT_FINDINGS = ("Cardiomegaly", "Edema", "Pneumonia")
+
+
+@pytest.fixture(scope="module")
+def chexpert_root(tmp_path_factory):
+    """CheXpert-v1.0-small/{train,valid}.csv and train/, valid/ images; cells 1.0, 0.0, -1.0 and
+    blank; one lateral view per fifth study; no Edema positive in valid.csv."""
+    base = tmp_path_factory.mktemp("chexpert")
+    root = base / "CheXpert-v1.0-small"
+    rng = np.random.default_rng(1)
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", *CHEXPERT_FINDINGS]
+    for split, patients in (("train", range(1, 61)), ("valid", range(61, 81))):
+        rows = []
+        for patient in patients:
+            for view, frontal in (("view1_frontal", True), ("view2_lateral", patient % 5 == 0)):
+                if view == "view2_lateral" and not frontal:
+                    continue
+                path = f"CheXpert-v1.0-small/{split}/patient{patient:05d}/study1/{view}.jpg"
+                cells = [rng.choice(["1.0", "0.0", "-1.0", ""], p=[0.35, 0.35, 0.15, 0.15]) for _ in CHEXPERT_FINDINGS]
+                if split == "valid":
+                    cells[1] = "0.0"  # Edema: absent from the test split
+                present = [name for name, cell in zip(CHEXPERT_FINDINGS, cells, strict=True) if cell == "1.0"]
+                (base / path).parent.mkdir(parents=True, exist_ok=True)
+                draw(rng, present).save(base / path, quality=95)
+                rows.append([path, "Male", 60, "Frontal" if "frontal" in view else "Lateral", "PA",
+                             "" if present else "1.0", *cells])
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    return root
+
+
+def chexpert_cells(root, split: str, frontal_only: bool) -> list[list[str]]:
+    with open(root / f"{split}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [[row[name] for name in CHEXPERT_FINDINGS] for row in rows
+            if not frontal_only or row["Frontal/Lateral"] == "Frontal"]
+
+
+def counts(dataset, splits=("train", "val")) -> np.ndarray:
+    """(positive, negative, unknown) per finding over the given splits."""
+    labels = torch.cat([getattr(dataset, name).labels for name in splits]).numpy()
+    return np.stack([(labels == 1).sum(0), (labels == 0).sum(0), (labels == -1).sum(0)], 1)
+
+
+@pytest.mark.parametrize("uncertain, blank", [("ones", "negative"), ("zeros", "negative"), ("ignore", "ignore")])
+def test_chexpert_uncertainty_and_blank_policies_give_the_documented_label_counts(make_cfg, chexpert_root,
+                                                                                  uncertain, blank):
+    cfg = make_cfg("data=chexpert", f"data.root={chexpert_root}", "data.image_size=32",
+                   f"data.uncertain={uncertain}", f"data.blank={blank}")
+    dataset = load_dataset(cfg.data)
+    value = {"1.0": 1, "0.0": 0, "-1.0": {"ones": 1, "zeros": 0, "ignore": -1}[uncertain],
+             "": {"negative": 0, "ignore": -1}[blank]}
+    for splits, table in ((("train", "val"), "train"), (("test",), "valid")):
+        cells = np.array([[value[c] for c in row] for row in chexpert_cells(chexpert_root, table, True)])
+        expected = np.stack([(cells == 1).sum(0), (cells == 0).sum(0), (cells == -1).sum(0)], 1)
+        np.testing.assert_array_equal(counts(dataset, splits), expected)
+    assert dataset.multilabel and dataset.classes == list(CHEXPERT_FINDINGS)
+
+
+def test_chexpert_views_all_keeps_the_lateral_images(make_cfg, chexpert_root):
+    frontal = load_dataset(make_cfg("data=chexpert", f"data.root={chexpert_root}", "data.image_size=32").data)
+    every = load_dataset(make_cfg("data=chexpert", f"data.root={chexpert_root}", "data.image_size=32",
+                                  "data.views=all").data)
+    lateral = sum(1 for split in ("train", "valid") for row in chexpert_cells(chexpert_root, split, False)) - sum(
+        1 for split in ("train", "valid") for row in chexpert_cells(chexpert_root, split, True))
+    assert lateral > 0
+    assert sum(map(len, (every.train, every.val, every.test))) - sum(map(len, (frontal.train, frontal.val,
+                                                                               frontal.test))) == lateral
+    assert not any("lateral" in path for path in frontal.train.paths + frontal.test.paths)
+
+
+def test_nih_layout_uses_the_official_test_list_and_splits_train_by_patient(make_cfg, nih_root):
+    dataset = load_dataset(make_cfg("data=nih", f"data.root={nih_root}", "data.image_size=32").data)
+    test_names = set((nih_root / "test_list.txt").read_text().split())
+    assert {p.rsplit("/", 1)[1] for p in dataset.test.paths} == test_names
+    patients = [{p.rsplit("/", 1)[1][:8] for p in split.paths} for split in (dataset.train, dataset.val)]
+    assert patients[0] and patients[1] and not patients[0] & patients[1]
+    with open(nih_root / "Data_Entry_2017.csv", newline="") as f:
+        truth = {row["Image Index"]: set(row["Finding Labels"].split("|")) for row in csv.DictReader(f)}
+    for path, label in zip(dataset.train.paths, dataset.train.labels.tolist(), strict=True):
+        assert {name for name, v in zip(dataset.classes, label, strict=True) if v == 1} == truth[path.rsplit("/", 1)[1]] - {"No Finding"}
+
+
+def test_data_labels_picks_findings_and_a_misspelt_one_is_one_line(make_cfg, nih_root, tmp_path):
+    dataset = load_dataset(make_cfg("data=nih", f"data.root={nih_root}", "data.image_size=32",
+                                    "data.labels=[Pneumonia,Effusion]").data)
+    assert dataset.classes == ["Pneumonia", "Effusion"] and dataset.train.labels.shape[1] == 2
+    record = run_safely_record(make_cfg("data=nih", f"data.root={nih_root}", "data.labels=[Pneumonia,Efusion]",
+                                        *runner_overrides(nih_root)[1:]), tmp_path)
+    assert record["status"] == "failed"
+    assert record["error"].startswith("data.labels names 'Efusion', not a finding of") and "\n" not in record["error"]
+
+
+def run_safely_record(cfg, output_dir):
+    from cxr.train import run_safely
+
+    return run_safely(cfg, output_dir, [])
+
+
+def test_masked_bce_matches_torch_on_the_known_entries_and_pos_weight_counts_them():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-0.5, 1.5, -2.0], [0.1, 0.2, 0.3]])
+    labels = torch.tensor([[1, 0, -1], [0, -1, 1], [-1, 1, 0]])
+    known = labels >= 0
+    expected = F.binary_cross_entropy_with_logits(logits[known], labels[known].float())
+    assert torch.isclose(loss_of(logits, labels), expected)
+    # known per finding: (1 positive, 2 negatives), (1, 1), (1, 1)
+    labels2 = torch.tensor([[1, 0, -1], [0, -1, 1], [0, 1, 0]])
+    weight = balanced_pos_weight(labels2)
+    np.testing.assert_allclose(weight.numpy(), [2.0, 1.0, 1.0])
+    known2 = labels2 >= 0
+    weighted = F.binary_cross_entropy_with_logits(logits[known2], labels2[known2].float(),
+                                                  pos_weight=weight.expand_as(logits)[known2])
+    assert torch.isclose(loss_of(logits, labels2, weight), weighted)
+
+
+def test_per_finding_auroc_and_mean_match_scikit_learn_and_unknowns_are_left_out():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, (200, 3))
+    probs = np.clip(labels * 0.3 + rng.random((200, 3)) * 0.7, 0, 1)
+    metrics = scalar_metrics(labels, probs, [0.5, 0.5, 0.5], 0, list(FINDINGS))
+    per_finding = roc_auc_score(labels, probs, average=None)
+    for name, value in zip(FINDINGS, per_finding, strict=True):
+        assert metrics[f"auroc/{name}"] == pytest.approx(value)
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(labels, probs, average="macro"))
+    masked = labels.copy()
+    masked[:50, 1] = -1
+    assert scalar_metrics(masked, probs, [0.5] * 3, 0, list(FINDINGS))["auroc/Nodule"] == pytest.approx(
+        roc_auc_score(labels[50:, 1], probs[50:, 1]))
+    absent = labels.copy()
+    absent[:, 2] = 0
+    result = scalar_metrics(absent, probs, [0.5] * 3, 0, list(FINDINGS))
+    assert math.isnan(result["auroc/Pneumonia"])
+    assert result["auroc"] == pytest.approx(roc_auc_score(labels[:, :2], probs[:, :2], average="macro"))
+    thresholds = choose_threshold("youden", masked, probs, 0)
+    assert len(thresholds) == 3 and all(0 < t <= 1 for t in thresholds)
+
+
+@pytest.fixture(scope="module")
+def nih_run(make_cfg, nih_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nih-run")
+    record = run(make_cfg("data=nih", *runner_overrides(nih_root)), out)
+    return out, record
+
+
+def truth_matrix(rows, findings):
+    return np.array([[int(name in row["truth"].split("|")) for name in findings] for row in rows])
+
+
+def test_a_nih_run_reports_each_finding_and_the_mean_as_scikit_learn_computes_them(nih_run):
+    out, record = nih_run
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["status"] == "ok" and saved["data"]["multilabel"] and saved["data"]["classes"] == list(FINDINGS)
+    with open(out / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    truth = truth_matrix(rows, FINDINGS)
+    probs = np.array([[float(row[f"prob_{name}"]) for name in FINDINGS] for row in rows])
+    for name, value in zip(FINDINGS, roc_auc_score(truth, probs, average=None), strict=True):
+        assert saved["metrics"][f"test/auroc/{name}"] == pytest.approx(value, abs=1e-5)
+    assert saved["metrics"]["test/auroc"] == pytest.approx(roc_auc_score(truth, probs, average="macro"), abs=1e-5)
+    assert len(saved["threshold"]) == 3 and saved["intervals"]["test/auroc/Nodule"] is not None
+    # the signs are easy: the frozen random features learn them
+    assert saved["metrics"]["test/auroc"] > 0.8, saved["metrics"]
+    called = np.array([[int(name in row["label"].split("|")) for name in FINDINGS] for row in rows])
+    np.testing.assert_array_equal(called, (probs >= np.array(saved["threshold"]) - 5e-7).astype(int))
+
+
+def test_a_nih_run_logs_per_finding_auroc_to_tensorboard(nih_run):
+    out, record = nih_run
+    events = EventAccumulator(str(out)).Reload()
+    tags = events.Tags()["scalars"]
+    for name in FINDINGS:
+        assert f"val/auroc/{name}" in tags and f"test/auroc/{name}" in tags
+    history = [row[f"val/auroc/{FINDINGS[0]}"] for row in record["history"]]
+    logged = [event.value for event in events.Scalars(f"val/auroc/{FINDINGS[0]}")]
+    np.testing.assert_allclose(logged, history, rtol=1e-6)
+
+
+def test_predict_writes_a_column_per_finding_and_grad_cam_of_a_chosen_finding(nih_run, nih_root, tmp_path):
+    out, record = nih_run
+    images = nih_root / "images_001" / "images"
+    output = tmp_path / "predictions.csv"
+    assert predict_main([f"checkpoint={out / 'best.pt'}", f"inputs={images}", f"output={output}",
+                         f"gradcam={tmp_path / 'cams'}", "gradcam_class=Nodule", "device=cpu"]) == 0
+    with open(output, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", *(f"prob_{name}" for name in FINDINGS), "label", "status"]
+    assert len(rows) == 120 and len(list((tmp_path / "cams").glob("*.png"))) == 120
+    with open(out / "test_predictions.csv", newline="") as f:  # the same model and thresholds as the run
+        tested = {row["path"]: row for row in csv.DictReader(f)}
+    for row in rows:
+        if row["path"] in tested:
+            assert row["label"] == tested[row["path"]]["label"]
+    assert predict_main([f"checkpoint={out / 'best.pt'}", f"inputs={images}", f"output={output}",
+                         f"gradcam={tmp_path / 'cams'}", "gradcam_class=Fracture", "device=cpu"]) == 1
+
+
+def test_a_chexpert_run_with_a_finding_absent_from_test_reports_null_for_it(make_cfg, chexpert_root, tmp_path):
+    record = run(make_cfg("data=chexpert", *runner_overrides(chexpert_root, "data.uncertain=ignore",
+                                                             "trainer.epochs=2")), tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert record["status"] == "ok"
+    assert saved["metrics"]["test/auroc/Edema"] is None
+    defined = [saved["metrics"][f"test/auroc/{name}"] for name in ("Cardiomegaly", "Pneumonia")]
+    assert saved["metrics"]["test/auroc"] == pytest.approx(np.mean(defined))

@@ -28,7 +28,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticConfig:
-    """How many images the embedded generator writes per split (class ratio near the real 1:3)."""
+    """How many images the embedded generator writes per split, and in which dataset's layout.
+
+    In the kaggle layout the classes are near the real 1:3 (NORMAL:PNEUMONIA).
+
+    In the nih layout `train` + `val` images go to train_val_list.txt (validation is carved from it
+    by the loader, as for the real dataset) and `test` to test_list.txt.
+    """
 
     train: int = 720
     val: int = 16
@@ -36,6 +42,9 @@ class SyntheticConfig:
     min_size: int = 160
     max_size: int = 640
     seed: int = 0
+    # kaggle: root/{train,val,test}/{NORMAL,PNEUMONIA}/ (binary); nih: the ChestX-ray14 layout
+    # (Data_Entry_2017.csv, train_val_list.txt, test_list.txt, images_001/images/), four findings
+    layout: str = "kaggle"
 
 
 @dataclass

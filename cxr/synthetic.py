@@ -1,18 +1,31 @@
-"""The embedded dataset: deterministic chest-X-ray-like JPEGs in the Kaggle layout.
+"""The embedded dataset: deterministic chest-X-ray-like images in the Kaggle or the NIH layout.
 
 Each image is a frontal chest: a bright body, two dark lung fields, a bright spine and
-mediastinum, ribs arcing across the lungs, film grain, and a random exposure. PNEUMONIA images add
-hazy consolidations inside the lungs; some are faint, and NORMAL images carry small benign
-densities too, so the task is learnable but not trivial. Sizes, aspect ratios, the 1:3 class ratio,
-mostly-grayscale-some-RGB JPEGs and the file names (IM-XXXX, NORMAL2-IM-XXXX, personN_bacteria,
-personN_virus, several images per patient) follow the real dataset, so the same loading path,
-patient grouping and caching serve both.
+mediastinum, ribs arcing across the lungs, film grain, and a random exposure. Small benign
+densities appear in every image, so no finding is a matter of "anything bright in the lungs".
+
+layout=kaggle (the default; binary): root/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg. PNEUMONIA
+images add hazy consolidations inside the lungs, some faint. Sizes, aspect ratios, the 1:3 class
+ratio, mostly-grayscale-some-RGB JPEGs and the file names (IM-XXXX, NORMAL2-IM-XXXX,
+personN_bacteria, personN_virus, several images per patient) follow the real dataset, so the same
+loading path, patient grouping and caching serve both. Its bytes never change for a given spec:
+cached copies are reused as they are.
+
+layout=nih (multi-label): NIH ChestX-ray14's files: Data_Entry_2017.csv (its real header, 11
+cells a row), train_val_list.txt and test_list.txt (patient-disjoint, as the official split), and
+square grayscale PNGs named <patient:08d>_<follow-up:03d>.png under images_001/images/ (further
+images_0NN/ as NIH's beyond 4,999 images). Four findings co-occur, each with its own sign:
+Cardiomegaly (an enlarged, denser heart), Effusion (fluid in one lung's base under a meniscus),
+Nodule (one or two small round dense spots) and Pneumonia (the consolidations above); about 43%
+of images are No Finding.
 """
 
+import csv
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +34,17 @@ from PIL import Image
 from cxr.files import exclusive
 
 GENERATOR_VERSION = 3
+NIH_VERSION = 1
+LAYOUTS = ("kaggle", "nih")
+# the nih layout's findings, in the order `Finding Labels` joins them
+FINDINGS = ("Cardiomegaly", "Effusion", "Nodule", "Pneumonia")
+# Data_Entry_2017.csv's header as a csv reader sees it: the bracketed names hold a comma, so
+# "OriginalImage[Width,Height]" is two cells, one above each of the rows' width and height
+NIH_HEADER = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+              "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
+              "OriginalImagePixelSpacing[x", "y]")
+# the real images_001/ holds 4,999 images and each later images_0NN/ 10,000
+NIH_FOLDER_SIZES = (4999, 10000)
 # share of NORMAL images per split, as in the real dataset (train 1341/5216, test 234/624)
 NORMAL_SHARE = {"train": 0.26, "val": 0.5, "test": 0.375}
 
@@ -34,8 +58,18 @@ def _blob(yy, xx, cy, cx, ry, rx, angle=0.0):
     return np.exp(-0.5 * (u * u + v * v) ** 2)
 
 
-def render_chest(rng: np.random.Generator, height: int, width: int, pneumonia: bool) -> np.ndarray:
-    """One grayscale chest image as uint8 (height, width)."""
+def render_chest(rng: np.random.Generator, height: int, width: int, pneumonia: bool,
+                 findings: Collection[str] = (), finding_rng: np.random.Generator | None = None,
+                 ) -> np.ndarray:
+    """One grayscale chest image as uint8 (height, width).
+
+    `findings` adds the signs of Cardiomegaly, Effusion and Nodule (Pneumonia is `pneumonia`).
+    Their shapes, and the consolidations', are drawn from `finding_rng` when given, so that the
+    anatomy, exposure and grain (drawn from `rng`) do not depend on which findings an image has.
+    With the defaults the draws are exactly those of the Kaggle layout, whose files must stay
+    byte-identical for existing caches.
+    """
+    frng = rng if finding_rng is None else finding_rng
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     yy /= height
     xx /= width
@@ -64,17 +98,49 @@ def render_chest(rng: np.random.Generator, height: int, width: int, pneumonia: b
         img += 0.12 * _blob(yy, xx, ly + rng.uniform(-ry, ry) * 0.7, lx + rng.uniform(-rx, rx) * 0.7,
                             0.02, 0.02)
     if pneumonia:
-        severity = rng.uniform(0.7, 1.4)
-        for _ in range(rng.integers(1, 4)):
-            ly, lx, ry, rx = lung_params[rng.integers(2)]
-            oy = ly + rng.uniform(-0.6, 0.8) * ry
-            ox = lx + rng.uniform(-0.6, 0.6) * rx
-            patch = _blob(yy, xx, oy, ox, rng.uniform(0.08, 0.2), rng.uniform(0.06, 0.12), rng.uniform(0, 3))
+        severity = frng.uniform(0.7, 1.4)
+        for _ in range(frng.integers(1, 4)):
+            ly, lx, ry, rx = lung_params[frng.integers(2)]
+            oy = ly + frng.uniform(-0.6, 0.8) * ry
+            ox = lx + frng.uniform(-0.6, 0.6) * rx
+            patch = _blob(yy, xx, oy, ox, frng.uniform(0.08, 0.2), frng.uniform(0.06, 0.12), frng.uniform(0, 3))
             img += 0.4 * severity * patch * lungs
+    if findings:  # nothing drawn otherwise: the Kaggle path's draws stay as they were
+        img += _finding_signs(frng, yy, xx, cx, lung_params, findings, width / height)
     # exposure, contrast, film grain
     img = (img - img.mean()) * rng.uniform(0.8, 1.25) + img.mean() + rng.normal(0, 0.05)
     img += rng.normal(0, 0.035, img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _finding_signs(rng: np.random.Generator, yy, xx, cx: float, lung_params: list, findings,
+                   aspect: float) -> np.ndarray:
+    """What Cardiomegaly, Effusion and Nodule add to the image, before exposure and grain."""
+    add = np.zeros_like(yy)
+    if "Cardiomegaly" in findings:
+        # the heart shadow widens well past the mediastinum into both lungs' medial thirds (a
+        # cardiothoracic ratio over 0.5) and, thicker, is denser than the normal one drawn above
+        grow = rng.uniform(1.5, 1.9)
+        add += rng.uniform(0.2, 0.28) * _blob(yy, xx, 0.64, cx + 0.05, 0.19 * grow ** 0.5, 0.09 * grow)
+    if "Effusion" in findings:
+        # fluid settles in the bottom of one pleural space: opaque below a flat top that curves up
+        # along the lateral chest wall (the meniscus), blunting the costophrenic angle
+        side = int(rng.integers(2))
+        ly, lx, ry, rx = lung_params[side]
+        lung = _blob(yy, xx, ly, lx, ry, rx, (2 * side - 1) * 0.12)
+        lateral = np.clip((xx - lx) * (2 * side - 1) / rx, 0, 1)
+        top = ly + ry * rng.uniform(0.05, 0.45) - 0.1 * ry * lateral ** 2
+        fluid = 1 / (1 + np.exp(-(yy - top) / 0.012))
+        add += rng.uniform(0.38, 0.48) * fluid * lung
+    if "Nodule" in findings:
+        # one or two round, sharp-edged dense spots; the radius (3-5% of the width) keeps them a
+        # few pixels wide at 64 px, and they are denser and larger than the benign densities
+        for _ in range(rng.integers(1, 3)):
+            ly, lx, ry, rx = lung_params[rng.integers(2)]
+            radius = rng.uniform(0.03, 0.05)
+            add += rng.uniform(0.3, 0.4) * _blob(yy, xx, ly + rng.uniform(-0.6, 0.6) * ry,
+                                                 lx + rng.uniform(-0.5, 0.5) * rx, radius * aspect, radius)
+    return add
 
 
 def _file_names(rng: np.random.Generator, label: str, count: int, first_patient: int) -> list[str]:
@@ -93,12 +159,24 @@ def _file_names(rng: np.random.Generator, label: str, count: int, first_patient:
     return names
 
 
+def _layout(spec) -> str:
+    layout = getattr(spec, "layout", "kaggle")  # specs written before the nih layout have none
+    if layout not in LAYOUTS:
+        raise ValueError(f"data.synthetic.layout must be one of {'|'.join(LAYOUTS)}, got {layout!r}")
+    return layout
+
+
 def _manifest(spec) -> dict:
-    return {
+    manifest = {
         "generator_version": GENERATOR_VERSION,
         "train": spec.train, "val": spec.val, "test": spec.test,
         "min_size": spec.min_size, "max_size": spec.max_size, "seed": spec.seed,
     }
+    # the Kaggle manifest keeps its old keys, so existing cached copies are still found complete;
+    # the nih layout has its own version, so changing it never invalidates the Kaggle copies
+    if _layout(spec) == "nih":
+        manifest |= {"layout": "nih", "layout_version": NIH_VERSION}
+    return manifest
 
 
 def ensure_synthetic(root: str | os.PathLike, spec) -> Path:
@@ -118,7 +196,7 @@ def ensure_synthetic(root: str | os.PathLike, spec) -> Path:
             return root
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
         try:
-            _generate(tmp, spec)
+            (_generate_nih if _layout(spec) == "nih" else _generate)(tmp, spec)
             (tmp / "manifest.json").write_text(json.dumps(manifest))
             if root.exists():  # another spec's or an interrupted copy, at this path
                 shutil.rmtree(root)
@@ -160,3 +238,92 @@ def _write_image(rng: np.random.Generator, path: Path, spec, pneumonia: bool) ->
     if rng.random() < 0.1:  # a few RGB files, as in the real dataset
         image = image.convert("RGB")
     image.save(path, quality=int(rng.integers(75, 96)))
+
+
+def _nih_images(rng: np.random.Generator, spec) -> list[dict]:
+    """Who is imaged when, and in which list: patients never cross train_val and test.
+
+    Each list's patients get one to four follow-ups, the last patient cut short to hit the exact
+    count; Patient IDs are then shuffled across both lists, as NIH's test patients are spread over
+    the whole ID range rather than forming a block at its end.
+    """
+    patients = []
+    for split, count in (("train_val", spec.train + spec.val), ("test", spec.test)):
+        done = 0
+        while done < count:
+            n = min(int(rng.integers(1, 5)), count - done)
+            patients.append((split, n))
+            done += n
+    images = []
+    for (split, n), pid in zip(patients, rng.permutation(len(patients)) + 1, strict=True):
+        age, gender = int(rng.integers(5, 90)), "M" if rng.random() < 0.56 else "F"
+        for k in range(n):
+            images.append({"index": f"{pid:08d}_{k:03d}.png", "split": split, "patient": int(pid),
+                           "follow_up": k, "age": age + k // 3, "gender": gender})
+    images.sort(key=lambda image: image["index"])
+    for image in images:
+        image["findings"] = _draw_findings(rng)
+    for split in ("train_val", "test"):
+        members = [image for image in images if image["split"] == split]
+        for finding in FINDINGS:  # so that every finding has positives (and an AUROC) in each list
+            if members and not any(finding in image["findings"] for image in members):
+                chosen = members[int(rng.integers(len(members)))]
+                chosen["findings"] = [f for f in FINDINGS if f in chosen["findings"] or f == finding]
+    return images
+
+
+def _draw_findings(rng: np.random.Generator) -> list[str]:
+    """One image's findings, in FINDINGS order; empty means No Finding (about 43% of images).
+
+    Prevalences near Cardiomegaly 0.2, Effusion 0.26, Nodule 0.2, Pneumonia 0.25. Effusion follows
+    heart failure and pneumonia, as in real chest films: 0.5 with either, 0.1 without.
+    """
+    cardiomegaly = rng.random() < 0.2
+    pneumonia = rng.random() < 0.25
+    nodule = rng.random() < 0.2
+    effusion = rng.random() < (0.5 if cardiomegaly or pneumonia else 0.1)
+    present = (cardiomegaly, effusion, nodule, pneumonia)
+    return [finding for finding, on in zip(FINDINGS, present, strict=True) if on]
+
+
+def _nih_folder(position: int) -> str:
+    """images_0NN/images for the image at this position in Image Index order, as NIH splits them."""
+    first, later = NIH_FOLDER_SIZES
+    number = 1 if position < first else 2 + (position - first) // later
+    return f"images_{number:03d}/images"
+
+
+def _generate_nih(folder: Path, spec) -> None:
+    """Data_Entry_2017.csv, train_val_list.txt, test_list.txt and the PNGs under images_0NN/."""
+    rng = np.random.default_rng(spec.seed)
+    images = _nih_images(rng, spec)
+    rows = []
+    for position, image in enumerate(images):
+        path = folder / _nih_folder(position) / image["index"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        width, height = _write_nih_image(rng, path, spec, image["findings"])
+        view = "AP" if rng.random() < 0.4 else "PA"
+        spacing = ("0.143", "0.139", "0.168")[int(rng.integers(3))]
+        rows.append([image["index"], "|".join(image["findings"]) or "No Finding", image["follow_up"],
+                     image["patient"], image["age"], image["gender"], view, width, height,
+                     spacing, spacing])
+    with open(folder / "Data_Entry_2017.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(NIH_HEADER)
+        writer.writerows(rows)
+    for split in ("train_val", "test"):
+        names = [image["index"] for image in images if image["split"] == split]
+        (folder / f"{split}_list.txt").write_text("".join(name + "\n" for name in names))
+
+
+def _write_nih_image(rng: np.random.Generator, path: Path, spec, findings: list[str]) -> tuple[int, int]:
+    """A square grayscale PNG, like NIH's (theirs are all 1024 px; ours keep the spec's sizes)."""
+    side = int(rng.integers(spec.min_size, spec.max_size + 1))
+    # the findings' shapes come from their own stream, so an image's anatomy, exposure and grain
+    # do not depend on its labels (and the tests can draw one chest with and without a finding)
+    finding_rng = np.random.default_rng(int(rng.integers(2 ** 63)))
+    small = int(side * min(1.0, 320 / side))  # drawn at most 320 px and upscaled, as above
+    pixels = render_chest(rng, small, small, pneumonia="Pneumonia" in findings, findings=findings,
+                          finding_rng=finding_rng)
+    Image.fromarray(pixels, "L").resize((side, side), Image.BICUBIC).save(path)
+    return side, side

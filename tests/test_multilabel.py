@@ -268,3 +268,34 @@ def test_a_chexpert_run_with_a_finding_absent_from_test_reports_null_for_it(make
     assert saved["metrics"]["test/auroc/Edema"] is None
     defined = [saved["metrics"][f"test/auroc/{name}"] for name in ("Cardiomegaly", "Pneumonia")]
     assert saved["metrics"]["test/auroc"] == pytest.approx(np.mean(defined))
+
+
+@pytest.mark.parametrize("form", ["separator", "columns"])
+def test_any_csv_with_findings_gives_the_nih_layouts_dataset(make_cfg, nih_root, tmp_path, form):
+    """The NIH table rewritten as a generic CSV (findings joined in one column, or a 1/0 column
+    per finding), with the split and patient as columns: the same images, labels and splits."""
+    nih = load_dataset(make_cfg("data=nih", f"data.root={nih_root}", "data.image_size=32").data)
+    with open(nih_root / "Data_Entry_2017.csv", newline="") as f:
+        entries = list(csv.DictReader(f))
+    test_names = set((nih_root / "test_list.txt").read_text().split())
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        label_header = ["Findings"] if form == "separator" else list(FINDINGS)
+        writer.writerow(["File", *label_header, "Patient", "Split"])
+        for row in reversed(entries):
+            found = set(row["Finding Labels"].split("|"))
+            labels = ([";".join(sorted(found - {"No Finding"})) or "none"] if form == "separator"
+                      else ["1" if name in found else "0" for name in FINDINGS])
+            split = "test" if row["Image Index"] in test_names else "train"
+            writer.writerow([f"images_001/images/{row['Image Index']}", *labels, row["Patient ID"], split])
+    labelling = (["data.label_column=Findings", "data.label_separator=';'", "data.no_finding=none"]
+                 if form == "separator" else [f"data.label_columns=[{','.join(FINDINGS)}]"])
+    generic = load_dataset(make_cfg("data=csv", f"data.csv={table}", f"data.root={nih_root}", "data.image_size=32",
+                                    "data.path_column=File", "data.patient_column=Patient", "data.split_column=Split",
+                                    *labelling).data)
+    assert generic.multilabel and generic.classes == nih.classes
+    for name in ("train", "val", "test"):
+        ours, theirs = getattr(generic, name), getattr(nih, name)
+        assert ours.paths == theirs.paths
+        assert torch.equal(ours.labels, theirs.labels)

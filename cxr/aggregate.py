@@ -11,6 +11,11 @@ all the same, and the command then exits 1.
 Jobs that differ only in `seed` are grouped into one row per variant: mean ± std over the seeds,
 n, and a 95% interval of the mean test accuracy. results.md then lists the single jobs as well;
 results.csv always holds one row per job.
+
+Multi-label runs (one sigmoid per finding: `data.multilabel` in result.json) keep the same columns,
+read as macro means over the findings, and add a test AUROC per finding: a table after the main
+one in results.md, and columns `test/auroc/<finding>`, `test/sensitivity/<finding>` and
+`test/specificity/<finding>` at the end of results.csv.
 """
 
 import argparse
@@ -88,6 +93,17 @@ COLUMNS = SEED_COLUMNS + (
     Column("Best (val AUROC)", "best_val_auroc", "flag"),
 )
 N_COLUMN = Column("n", "n", "int")  # grouped rows only: the seeds that finished
+# multi-label runs: a value per finding of these, keyed `<metric>/<finding>` as in result.json
+FINDING_METRICS = (("test/auroc", "auroc"), ("test/sensitivity", "percent"),
+                   ("test/specificity", "percent"))
+# the per-finding table's last column: the run's own macro mean (undefined findings left out)
+MEAN_AUROC_COLUMN = Column("Mean", "test/auroc", "auroc", "max")
+
+
+def finding_columns(findings: list[str], metrics=FINDING_METRICS) -> tuple[Column, ...]:
+    """A column per finding and metric (`test/auroc/Effusion`), headed by the finding's name."""
+    return tuple(Column(finding, f"{metric}/{finding}", kind, "max")
+                 for metric, kind in metrics for finding in findings)
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,7 @@ class Report:
     jobs: list[dict]  # one row per job, raw values keyed by Column.key
     variants: list[dict] | None  # one row per variant over seeds; None when no seeds were repeated
     files: list[Path] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # multi-label jobs' findings; [] when none
 
     @property
     def ok(self) -> bool:
@@ -162,9 +179,16 @@ def show_override(override: str) -> str:
     return value if key == "model" else override
 
 
+def job_findings(result: dict) -> list[str]:
+    """A multi-label run's findings (`data.classes`); [] for a single-label run."""
+    data = result.get("data") or {}
+    return list(data.get("classes") or []) if data.get("multilabel") else []
+
+
 def job_row(job_dir: Path, result: dict, label: str) -> dict:
     values = results.flat(result)
-    row = {column.key: values.get(column.key) for column in COLUMNS}
+    findings = job_findings(result)
+    row = {column.key: values.get(column.key) for column in COLUMNS + finding_columns(findings)}
     row.update({
         "job": job_dir.name, "overrides": " ".join(result.get("overrides") or []), "model": label,
         # weights null (random init) is shown as Hydra spells it, not as a missing value
@@ -172,21 +196,22 @@ def job_row(job_dir: Path, result: dict, label: str) -> dict:
         "status": result.get("status", MISSING), "best_val_auroc": False,
         "warning": "; ".join(result.get("warnings") or []) or None,
         "history": result.get("history") or [], "test_size": values.get("data.test"),
+        "findings": findings,
     })
     return row
 
 
-def variant_row(label: str, jobs: list[dict]) -> dict:
+def variant_row(label: str, jobs: list[dict], columns=COLUMNS) -> dict:
     """One variant over its seeds: metrics as Spread over the jobs that finished, the rest as is."""
     finished = [job for job in jobs if job["status"] == OK]
     failed = [job for job in jobs if job["status"] != OK]
     row = {"model": label, "n": len(finished), "jobs": jobs, "best_val_auroc": False,
            "status": OK if not failed else f"{len(finished)}/{len(jobs)} ok",
            "error": failed[0]["error"] if failed else None}
-    for column in COLUMNS:
+    for column in columns:
         if column.key in row or column.kind == "interval":  # set above, or below
             continue
-        values = [job[column.key] for job in (finished or jobs)]
+        values = [job.get(column.key) for job in (finished or jobs)]
         if column.better:
             row[column.key] = Spread.of(values)
         else:  # one value when the seeds agree (they do for the config), else the distinct ones
@@ -233,14 +258,17 @@ def build_report(jobs: list[tuple[Path, dict]]) -> Report:
     varying = [k for k in keys if len({job.get(k) for job in overrides}) > 1]
     rows = [job_row(d, r, model_label(r, varying)) for d, r in jobs]
     mark_best(rows)
+    # union over the jobs, in the order their data.classes give
+    findings = list(dict.fromkeys(finding for row in rows for finding in row["findings"]))
     groups: dict[str, list[dict]] = {}
     for (_, result), row in zip(jobs, rows, strict=True):
         groups.setdefault(model_label(result, [k for k in varying if k != "seed"]), []).append(row)
     if all(len(members) == 1 for members in groups.values()):
-        return Report(rows, None)
-    variants = [variant_row(label, members) for label, members in groups.items()]
+        return Report(rows, None, findings=findings)
+    columns = COLUMNS + finding_columns(findings)
+    variants = [variant_row(label, members, columns) for label, members in groups.items()]
     mark_best(variants)
-    return Report(rows, variants)
+    return Report(rows, variants, findings=findings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,17 +302,17 @@ def best_values(rows: list[dict], columns) -> dict[str, float]:
     """The best number of each metric column over the finished rows (bold in the table)."""
     best = {}
     for column in (c for c in columns if c.better):
-        values = [number(r[column.key]) for r in rows if r["status"] == OK]
+        values = [number(r.get(column.key)) for r in rows if r["status"] == OK]
         values = [v for v in values if not math.isnan(v)]
         if values:
             best[column.key] = max(values) if column.better == "max" else min(values)
     return best
 
 
-def markdown_table(rows: list[dict], columns) -> str:
+def markdown_table(rows: list[dict], columns, keep=SEED_COLUMNS) -> str:
     """A Markdown table padded to line up in a terminal too; the best of each metric in bold."""
-    # columns that no row fills (no errors, no bootstrap) are left out; the seed's always stay
-    columns = [c for c in columns if c in SEED_COLUMNS
+    # columns that no row fills (no errors, no bootstrap) are left out; `keep`'s always stay
+    columns = [c for c in columns if c in keep
                or any(show(r.get(c.key), c.kind) not in ("—", "") for r in rows)]
     best = best_values(rows, columns)
     lines = [[c.header for c in columns]]
@@ -292,10 +320,10 @@ def markdown_table(rows: list[dict], columns) -> str:
         cells = []
         for column in columns:
             # a `|` in an error ("flatten|avg") would split the cell
-            text = show(row[column.key], column.kind).replace("|", "\\|")
+            text = show(row.get(column.key), column.kind).replace("|", "\\|")
             # compared as shown: values that print the same are equally best
             is_best = (column.key in best and row["status"] == OK
-                       and show(number(row[column.key]), column.kind)
+                       and show(number(row.get(column.key)), column.kind)
                        == show(best[column.key], column.kind))
             cells.append(f"**{text}**" if is_best else text)
         lines.append(cells)
@@ -311,12 +339,25 @@ def markdown_table(rows: list[dict], columns) -> str:
     return "\n".join([render(lines[0]), f"|{rule}|", *(render(cells) for cells in lines[1:])])
 
 
+MULTILABEL_NOTE = (
+    "Multi-label runs (one sigmoid per finding): Accuracy is label-wise accuracy, the share of "
+    "known (image, finding) labels decided right at per-finding thresholds chosen on validation; "
+    "Majority Rate is the same for always answering each finding's commoner value. Test AUROC, "
+    "Val AUROC, Balanced Accuracy, Sensitivity and Specificity are macro means over the findings "
+    "(a finding whose AUROC is undefined, one class only in the split, is left out of the AUROC "
+    "mean). Test AUROC per finding: —, undefined in that split; Mean is the run's Test AUROC.")
+
+
 def notes(report: Report) -> list[str]:
     """What the numbers mean, and which differences in test accuracy are real."""
-    sizes = sorted({job["test_size"] for job in report.jobs if job["test_size"]})
+    # one image is one decision of a single-label run only (a multi-label image holds several)
+    sizes = sorted({job["test_size"] for job in report.jobs
+                    if job["test_size"] and not job["findings"]})
     lines = ["Accuracy: test accuracy (%) of the checkpoint and decision threshold chosen on "
              "validation. Learning Time(ms): wall time of training and validation. **Bold**: the "
              "best value of a metric column."]
+    if report.findings:
+        lines.append(MULTILABEL_NOTE)
     if sizes:
         steps = ", ".join(f"{100 / n:.2f} points (N = {n})" for n in sizes)
         lines.append(f"One test image is 100/N = {steps} of accuracy: smaller differences are "
@@ -358,15 +399,21 @@ def write_markdown(report: Report, path: Path) -> str:
     else:
         main = markdown_table(report.variants, COLUMNS[:7] + (N_COLUMN,) + COLUMNS[7:])
         sections = [main, "## Jobs", markdown_table(report.jobs, COLUMNS)]
+    if report.findings:  # after the main table, over the same rows
+        rows = report.variants if report.variants is not None else report.jobs
+        columns = (COLUMNS[0], *finding_columns(report.findings, FINDING_METRICS[:1]),
+                   MEAN_AUROC_COLUMN)
+        sections[1:1] = ["## Test AUROC per finding", markdown_table(rows, columns, keep=columns)]
     body = "\n\n".join(["# Sweep results", *sections, "\n".join(f"- {n}" for n in notes(report))])
     path.write_text(body + "\n")
     return main
 
 
-def write_csv(jobs: list[dict], path: Path) -> None:
-    """One row per job with raw values (fractions, not percent), keyed by the result.json names."""
+def write_csv(jobs: list[dict], path: Path, findings: list[str] = ()) -> None:
+    """One row per job with raw values (fractions, not percent), keyed by the result.json names;
+    multi-label sweeps: then the per-finding metrics (`test/auroc/<finding>`, ...)."""
     header = ["job", "overrides"]
-    for column in COLUMNS:
+    for column in COLUMNS + finding_columns(findings):
         is_interval = column.kind == "interval"
         header += [f"{column.key}_low", f"{column.key}_high"] if is_interval else [column.key]
     with path.open("w", newline="") as f:
@@ -461,7 +508,7 @@ def aggregate(sweep_dir: str | Path) -> Report:
     rows = report.variants if report.variants is not None else report.jobs
     markdown, table_csv, chart, curves = (sweep_dir / name for name in REPORT_FILES)
     table = write_markdown(report, markdown)
-    write_csv(report.jobs, table_csv)
+    write_csv(report.jobs, table_csv, report.findings)
     plot_results(rows, chart)
     plot_curves(rows, curves)
     report.files = [markdown, table_csv, chart, curves]

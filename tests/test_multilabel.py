@@ -4,6 +4,9 @@ checked against hand counts of the tables written here and against scikit-learn.
 import csv
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from cxr.metrics import choose_threshold, scalar_metrics
 from cxr.predict import main as predict_main
 from cxr.train import run
 
+REPO = Path(__file__).resolve().parents[1]
 FINDINGS = ("Effusion", "Nodule", "Pneumonia")
 NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
               "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
@@ -144,7 +148,8 @@ def test_nih_layout_uses_the_official_test_list_and_splits_train_by_patient(make
     with open(nih_root / "Data_Entry_2017.csv", newline="") as f:
         truth = {row["Image Index"]: set(row["Finding Labels"].split("|")) for row in csv.DictReader(f)}
     for path, label in zip(dataset.train.paths, dataset.train.labels.tolist(), strict=True):
-        assert {name for name, v in zip(dataset.classes, label, strict=True) if v == 1} == truth[path.rsplit("/", 1)[1]] - {"No Finding"}
+        called = {name for name, v in zip(dataset.classes, label, strict=True) if v == 1}
+        assert called == truth[path.rsplit("/", 1)[1]] - {"No Finding"}
 
 
 def test_data_labels_picks_findings_and_a_misspelt_one_is_one_line(make_cfg, nih_root, tmp_path):
@@ -299,3 +304,25 @@ def test_any_csv_with_findings_gives_the_nih_layouts_dataset(make_cfg, nih_root,
         ours, theirs = getattr(generic, name), getattr(nih, name)
         assert ours.paths == theirs.paths
         assert torch.equal(ours.labels, theirs.labels)
+
+
+def test_a_multilabel_sweep_of_two_variants_writes_the_per_finding_table(nih_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "-m", "data=nih", *runner_overrides(nih_root),
+                           "trainer.epochs=2", "trainer.tensorboard_images=false", "model.dense=8,16",
+                           f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (sweep / "results.md").read_text()
+    section = report.split("## Test AUROC per finding", 1)[1].split("\n## ", 1)[0]
+    header = next(line for line in section.splitlines() if line.startswith("|"))
+    assert [cell.strip() for cell in header.strip("|").split("|")] == ["Model", *FINDINGS, "Mean"]
+    assert len([line for line in section.splitlines() if line.startswith("|")]) == 2 + 2  # header, rule, 2 rows
+    with open(sweep / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    jobs = sorted(path for path in sweep.iterdir() if (path / "result.json").exists())
+    assert len(rows) == len(jobs) == 2
+    for row in rows:
+        match = [json.loads((job / "result.json").read_text()) for job in jobs
+                 if json.loads((job / "result.json").read_text())["model"]["dense"] == int(row["model.dense"])]
+        for name in FINDINGS:
+            assert float(row[f"test/auroc/{name}"]) == pytest.approx(match[0]["metrics"][f"test/auroc/{name}"])

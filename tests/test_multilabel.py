@@ -326,3 +326,14 @@ def test_a_multilabel_sweep_of_two_variants_writes_the_per_finding_table(nih_roo
                  if json.loads((job / "result.json").read_text())["model"]["dense"] == int(row["model.dense"])]
         for name in FINDINGS:
             assert float(row[f"test/auroc/{name}"]) == pytest.approx(match[0]["metrics"][f"test/auroc/{name}"])
+
+
+def test_a_multilabel_run_extended_by_more_epochs_matches_one_run_straight_through(make_cfg, nih_root, tmp_path):
+    quick = (*runner_overrides(nih_root), "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    straight = run(make_cfg("data=nih", *quick, "trainer.epochs=4"), tmp_path / "straight")
+    run(make_cfg("data=nih", *quick, "trainer.epochs=2", "trainer.keep_last=true"), tmp_path / "extended")
+    extended = run_safely_record(make_cfg("data=nih", *quick, "trainer.epochs=4", "trainer.resume=true"),
+                                 tmp_path / "extended")
+    assert extended["status"] == "ok" and len(extended["threshold"]) == len(FINDINGS)
+    assert extended["history"] == straight["history"]
+    assert extended["metrics"] == straight["metrics"]

@@ -5,6 +5,10 @@ and resized exactly once (PIL's draft mode lets libjpeg downscale by 2/4/8 while
 over the cores) into a uint8 array on disk, keyed by the file list, the labels, the image size and
 the preprocessing. Runs and sweep jobs after the first read that array only.
 
+The array is a .npy file written a chunk at a time as the images are decoded and read back as a
+memory map, so neither building nor reading the cache holds the whole dataset in memory: a dataset
+larger than RAM can be cached and trained on from the CPU (the kernel pages the images in and out).
+
 Labels are int64: one class index per image (N,), or for multi-label data one value per finding
 (N, K) with 1 present, 0 absent and -1 unknown (masked out of the loss and the metrics).
 """
@@ -15,8 +19,11 @@ import logging
 import multiprocessing
 import os
 import zlib
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +31,25 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cxr.files import atomic_write, exclusive
+from cxr.files import atomic_write, exclusive, signals_deferred
 
 log = logging.getLogger(__name__)
 
 # bump when decoding or the cache layout changes: old cache files are then never read again
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: memory-mapped array, checked by size and a sampled checksum
 PREPROCESSING = "gray-squash-bilinear-draft"
+TASK_IMAGES = 16  # images per task sent to a decode worker: few round trips, a smooth progress bar
+CHUNK_BYTES = 64 << 20  # decoded images held before they are written to the cache file
+SAMPLE_ROWS = 64  # images whose checksum ties the array to its index (see _sample_crc)
 
 
 @dataclass
 class Split:
-    """One split decoded into memory: uint8 images (N, 1, S, S), int64 labels (N,) or (N, K), file paths."""
+    """One decoded split: uint8 images (N, 1, S, S), int64 labels (N,) or (N, K), file paths.
+
+    From `load_split` the images are a copy-on-write map of the cache file: pages are read as
+    batches touch them, and writes (none are made) would stay private to the process.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -46,8 +60,9 @@ class Split:
         return len(self.labels)
 
     def to(self, device: torch.device) -> "Split":
-        # The decoded set is small (5,216 images at 224 px are 262 MB as uint8), so it lives on
-        # the training device whole and batches are sliced there: no host copy in the step.
+        # On the CPU this returns the map itself (no copy). A GPU gets the decoded set whole
+        # (5,216 images at 224 px are 262 MB as uint8), so batches are sliced there with no host
+        # copy in the step; a set larger than GPU memory would need batches paged in instead.
         return Split(self.images.to(device), self.labels.to(device), self.paths, self.skipped)
 
 
@@ -63,8 +78,33 @@ def decode_image(path: str, size: int) -> np.ndarray | None:
         return None
 
 
-def _decode_star(args):
-    return decode_image(*args)
+def _decode_task(paths: list[str], size: int) -> list[np.ndarray | None]:
+    return [decode_image(path, size) for path in paths]
+
+
+def decoded_images(paths: list[str], size: int, workers: int, desc: str) -> Iterator[np.ndarray | None]:
+    """`decode_image` of each path, in order, over `workers` processes (0: every core).
+
+    At most a few tasks per worker are in flight, so however many paths there are, only a few
+    hundred decoded images wait in memory for the consumer (Executor.map would submit them all
+    and keep every result the consumer has not reached yet).
+    """
+    workers = workers or os.cpu_count() or 1
+    with tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False) as progress:
+        if workers == 1 or len(paths) < 64:
+            for path in paths:
+                yield decode_image(path, size)
+                progress.update()
+            return
+        tasks = (paths[i:i + TASK_IMAGES] for i in range(0, len(paths), TASK_IMAGES))
+        # fork: the children only run PIL and NumPy, and start in milliseconds
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            pending = deque(pool.submit(_decode_task, task, size) for task in islice(tasks, 4 * workers))
+            while pending:
+                images = pending.popleft().result()
+                pending.extend(pool.submit(_decode_task, task, size) for task in islice(tasks, 1))
+                progress.update(len(images))
+                yield from images
 
 
 def cache_key(items: list[tuple[str, int]], size: int) -> str:
@@ -79,17 +119,11 @@ def _stat(path: str) -> tuple[int, int]:
 
 
 def decode_split(items: list[tuple[str, int]], size: int, workers: int, desc: str) -> Split:
-    """Decode every file (in parallel), dropping unreadable ones into `skipped`."""
-    jobs = [(path, size) for path, _ in items]
-    workers = workers or os.cpu_count() or 1
-    progress = dict(total=len(jobs), desc=f"decode {desc}", unit="img", leave=False)
-    if workers > 1 and len(jobs) >= 64:
-        # fork: the children only run PIL and NumPy, and start in milliseconds
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            arrays = list(tqdm(pool.map(_decode_star, jobs, chunksize=16), **progress))
-    else:
-        arrays = [decode_image(*job) for job in tqdm(jobs, **progress)]
+    """Decode every file into memory (in parallel), dropping unreadable ones into `skipped`.
+
+    For a few files at a time (cxr.predict); whole training splits go through `load_split`.
+    """
+    arrays = list(decoded_images([path for path, _ in items], size, workers, desc))
     keep = [i for i, a in enumerate(arrays) if a is not None]
     skipped = [items[i][0] for i, a in enumerate(arrays) if a is None]
     images = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, size, size), np.uint8)
@@ -99,7 +133,7 @@ def decode_split(items: list[tuple[str, int]], size: int, workers: int, desc: st
 
 
 def load_split(items: list[tuple[str, int]], size: int, cache_dir: Path, workers: int, desc: str) -> Split:
-    """The decoded split from the cache, decoding (and caching) it first when needed."""
+    """The decoded split, mapped from the cache, decoding (and caching) it first when needed."""
     key = cache_key(items, size)
     array_file, index_file = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     # sweep jobs started together: the first decodes, the others wait and read its cache
@@ -110,14 +144,106 @@ def load_split(items: list[tuple[str, int]], size: int, cache_dir: Path, workers
                 return cached
             log.warning("cache %s is damaged or was written for other data or another cxr version; "
                         "rebuilding it", array_file)
-        split = decode_split(items, size, workers, desc)
-        array = split.images.squeeze(1).numpy()
-        # the array first, the index last: an index on disk means a complete array beside it
-        atomic_write(array_file, lambda f: np.save(f, array))
-        index = {"version": CACHE_VERSION, "size": size, "paths": split.paths,
-                 "labels": split.labels.tolist(), "skipped": split.skipped, "crc32": zlib.crc32(array)}
-        atomic_write(index_file, lambda f: f.write(json.dumps(index).encode()))
-    return split
+        return _build_cache(items, size, workers, desc, array_file, index_file)
+
+
+def _build_cache(items: list[tuple[str, int]], size: int, workers: int, desc: str,
+                 array_file: Path, index_file: Path) -> Split:
+    """Decode `items` into `array_file` and write its index; the split, mapped from the file."""
+    # the pid keeps concurrent writers (other hosts sharing the cache dir) off each other's file
+    tmp = array_file.with_name(f".{array_file.name}.{os.getpid()}.tmp")
+    try:
+        kept, skipped = _write_images(tmp, items, size, workers, desc)
+        # Decoding above stays interruptible (an interrupt leaves only `tmp`, removed below); the
+        # move into place is not, like atomic_write's. The old index goes first: an index on disk
+        # always describes the array beside it, written last, once that array is whole and synced.
+        with signals_deferred():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            index_file.unlink(missing_ok=True)
+            os.replace(tmp, array_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    images = np.load(array_file, mmap_mode="c")
+    index = {"version": CACHE_VERSION, "size": size, "paths": [path for path, _ in kept],
+             "labels": [_json_label(label) for _, label in kept], "skipped": skipped,
+             "sample_crc32": _sample_crc(images)}
+    atomic_write(index_file, lambda f: f.write(json.dumps(index).encode()))
+    return _mapped_split(images, index)
+
+
+def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, workers: int,
+                  desc: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """Decode into a new .npy at `tmp`, a chunk at a time; the (path, label) kept, the paths skipped.
+
+    The file is created with a slot for every item; readable images fill the slots in order, so
+    when some are skipped the kept ones are already contiguous and the file is cut short.
+    """
+    offset = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(items), size, size)).offset
+    rows = max(1, CHUNK_BYTES // (size * size))
+    kept, skipped, chunk = [], [], []
+    decoded = decoded_images([path for path, _ in items], size, workers, desc)
+    for (path, label), image in zip(items, decoded, strict=True):
+        if image is None:
+            skipped.append(path)
+            continue
+        kept.append((path, label))
+        chunk.append(image)
+        if len(chunk) == rows:
+            _write_rows(tmp, offset, len(kept) - len(chunk), chunk)
+            chunk = []
+    _write_rows(tmp, offset, len(kept) - len(chunk), chunk)
+    if skipped:
+        _shrink(tmp, offset, len(kept), size)
+    return kept, skipped
+
+
+def _write_rows(file: Path, offset: int, start: int, images: list[np.ndarray]) -> None:
+    """Write `images` into rows start... of the .npy through a map of those rows alone.
+
+    One map of the whole file would keep every page written so far resident in this process
+    (file pages count in its RSS until it unmaps them): a map per chunk keeps memory flat.
+    """
+    if not images:
+        return
+    size = images[0].shape[-1]
+    window = np.memmap(file, np.uint8, "r+", offset + start * size * size, (len(images), size, size))
+    window[:] = np.stack(images)
+    window.flush()
+    del window
+
+
+def _shrink(file: Path, offset: int, rows: int, size: int) -> None:
+    """Cut the .npy down to its first `rows` images: a new header of the same length, then truncate."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (rows, size, size)}
+    with open(file, "rb+") as f:
+        # NumPy pads the first axis of every header to 21 digits so that it can be rewritten in place
+        np.lib.format.write_array_header_1_0(f, header)
+        if f.tell() != offset:
+            raise RuntimeError(f"the .npy header of {file} changed length; cannot shrink it in place")
+        f.truncate(offset + rows * size * size)
+
+
+def _sample_crc(images: np.ndarray) -> int:
+    """crc32 of SAMPLE_ROWS images spread evenly over the array (all of them when fewer).
+
+    Trade-off: a crc32 of the whole array would catch any damage, but it reads every byte on every
+    run (for a cache larger than memory, a full disk pass before the first step). The sample costs
+    a few MB. With the exact file size and the header's shape and dtype checked against the index,
+    it still catches a truncated or extended file and an array of other images, even one of the
+    same shape (different images differ in the sampled rows). What it misses is damage confined
+    to rows it does not read (a bit flipped on disk), which is the file system's to catch.
+    """
+    rows = np.unique(np.linspace(0, len(images) - 1, min(len(images), SAMPLE_ROWS)).round().astype(np.int64))
+    return zlib.crc32(np.ascontiguousarray(images[rows]))
+
+
+def _mapped_split(images: np.ndarray, index: dict) -> Split:
+    # mmap_mode="c" (copy-on-write) maps are writable, so torch.from_numpy takes them without the
+    # read-only warning, and nothing written to the tensor can reach the file
+    return Split(torch.from_numpy(images).unsqueeze(1), torch.tensor(index["labels"], dtype=torch.int64),
+                 index["paths"], index["skipped"])
 
 
 def _json_label(label: int | tuple[int, ...]) -> int | list[int]:
@@ -127,23 +253,23 @@ def _json_label(label: int | tuple[int, ...]) -> int | list[int]:
 
 def _read_cache(index_file: Path, array_file: Path, items: list[tuple[str, int]],
                 size: int) -> Split | None:
-    """The cached split, or None when the pair is damaged or describes other files.
+    """The cached split, mapped, or None when the pair is damaged or describes other files.
 
-    The checksum ties the array to its index: an array from another split or run, even one of the
-    same shape, is never used in its place.
+    The file's exact size (header + rows) and the sampled checksum tie the array to its index: a
+    truncated array, or one from another split or run, even of the same shape, is never used in
+    its place (see _sample_crc for what a sample can miss).
     """
     try:
         index = json.loads(index_file.read_text())
-        images = np.load(array_file)  # allow_pickle stays off: a cache file cannot run code
+        # allow_pickle stays off: a cache file cannot run code; a truncated file fails to map
+        images = np.load(array_file, mmap_mode="c")
         cached = dict(zip(index["paths"], index["labels"], strict=True))
         matches = (index["version"] == CACHE_VERSION and index["size"] == size
                    and images.dtype == np.uint8 and images.shape == (len(cached), size, size)
-                   and index["crc32"] == zlib.crc32(images)
+                   and array_file.stat().st_size == images.offset + images.nbytes
+                   and index["sample_crc32"] == _sample_crc(images)
                    and sorted([*cached, *index["skipped"]]) == sorted(path for path, _ in items)
                    and cached.items() <= {path: _json_label(label) for path, label in items}.items())
     except (OSError, ValueError, KeyError, TypeError):  # unreadable, truncated, not our layout
         return None
-    if not matches:
-        return None
-    return Split(torch.from_numpy(images).unsqueeze(1), torch.tensor(index["labels"]),
-                 index["paths"], index["skipped"])
+    return _mapped_split(images, index) if matches else None

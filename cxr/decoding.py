@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: memory-mapped array, checked by size and a sampled checksum
 PREPROCESSING = "gray-squash-bilinear-draft"
 TASK_IMAGES = 16  # images per task sent to a decode worker: few round trips, a smooth progress bar
-CHUNK_BYTES = 64 << 20  # decoded images held before they are written to the cache file
+# decoded images held before they are written to the cache file: the build's memory is about twice
+# this (the chunk, then its pages in the file map), whatever the number of images
+CHUNK_BYTES = 16 << 20
 SAMPLE_ROWS = 64  # images whose checksum ties the array to its index (see _sample_crc)
 
 
@@ -208,7 +210,8 @@ def _write_rows(file: Path, offset: int, start: int, images: list[np.ndarray]) -
         return
     size = images[0].shape[-1]
     window = np.memmap(file, np.uint8, "r+", offset + start * size * size, (len(images), size, size))
-    window[:] = np.stack(images)
+    for row, image in enumerate(images):  # row by row: np.stack would hold a second copy of the chunk
+        window[row] = image
     window.flush()
     del window
 

@@ -19,6 +19,11 @@ per pixel; the few files are repeated through symlinks to --count so timings are
 alternatives of a section alternate within each of --repeats rounds, so noise from other processes
 hits them alike, and every figure is a median.
 
+`--cache-suite` runs only the cache build, at --cache-counts images (2,000 and 8,000) of --size px,
+each build in a fresh process: its img/s and the peak RSS of the process and of its decode workers,
+beside the in-memory decode it replaced (--no-compare skips that): the memory-mapped build's peak
+stays flat as the count grows. Written to outputs/bench/cache.json.
+
 `--gpu-suite` runs the GPU check instead, the one script to run where a GPU is lent (see
 GPU_SUITE_KEYS for its JSON): the real trainer's img/s at 224 px in fp32, bf16, bf16 +
 channels_last and under torch.compile, the GPU's busy fraction, and the seed-scale sweep (seven
@@ -27,6 +32,7 @@ path, with each job's peak GPU memory. With --quick it runs the same sections at
 """
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -34,6 +40,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -60,7 +67,7 @@ from cxr import results
 from cxr.batches import preprocess, train_batches
 from cxr.config import CONF_DIR, register_configs
 from cxr.data import find_classes, list_files, load_dataset, subset
-from cxr.decoding import Split, load_split
+from cxr.decoding import Split, decode_split, load_split
 from cxr.engine import autocast, train_one_epoch
 from cxr.features import TrainingView, extract, training_view
 from cxr.model import build_model, build_optimizer
@@ -529,6 +536,89 @@ def save_json(report: dict, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The cache build: speed, and peak memory against the number of images
+
+
+def cache_build_child(folder: str, size: str, cache_dir: str, mode: str) -> None:
+    """Run in a fresh process, so that its peak RSS is this build's alone: build the cache of
+    folder/<class>/* (mode "mapped", as cxr trains) or decode the split into memory (mode
+    "in_memory": decode_split, the way the cache was built before it was a memory map); print a
+    JSON line of seconds and peak RSS (MB) of this process and of its decode workers."""
+    items = list_files(Path(folder), find_classes(Path(folder)))
+    # the imports (torch, hydra, ...) peak at several hundred MB: not the build's, so on Linux the
+    # high-water mark is reset to the current RSS here (elsewhere it keeps the imports' peak)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    baseline_mb = _peak_rss_mb(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    if mode == "mapped":
+        split = load_split(items, int(size), Path(cache_dir), 0, "bench")
+    else:
+        split = decode_split(items, int(size), 0, "bench")
+    build_s = time.perf_counter() - started
+    figures = {"images": len(split), "build_s": build_s, "build_img_s": len(split) / build_s,
+               "baseline_mb": baseline_mb, "peak_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+               "workers_peak_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN)}
+    if mode == "mapped":
+        started = time.perf_counter()
+        split = load_split(items, int(size), Path(cache_dir), 0, "bench")  # served from the map
+        figures["read_s"] = time.perf_counter() - started
+    print(json.dumps(figures))
+
+
+def _peak_rss_mb(who: int) -> float:
+    """Peak RSS in MB of this process (VmHWM, which clear_refs resets) or of its waited children."""
+    if who == resource.RUSAGE_SELF and Path("/proc/self/status").exists():
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+        return int(line.split()[1]) / 1024
+    return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux (bytes on macOS)
+
+
+def bench_cache(source: Path, counts: list[int], size: int, work: Path, compare: bool) -> dict:
+    """Cache builds of `counts` images (links to the files of `source`) at `size` px, each in a
+    fresh process: img/s and peak memory of the parent (above its RSS after the imports) and of the
+    decode workers, which should not grow with the count; with `compare`, the in-memory decode as
+    well, whose peak grows by count x size^2 bytes (twice that while it stacks). A forked worker's
+    RSS counts the parent's pages it shares, so its peak is about the parent's baseline."""
+    report = {"size": size, "counts": counts, "array_mb": {}, "mapped": {}, "in_memory": {}}
+    for count in counts:
+        folder = work / f"images-{count}"
+        repeat_images(source, folder, count)
+        report["array_mb"][count] = count * size * size / 2**20
+        for mode in ("mapped", "in_memory") if compare else ("mapped",):
+            command = [sys.executable, "-c", "import sys; from cxr.bench import cache_build_child; "
+                       "cache_build_child(*sys.argv[1:])", str(folder), str(size), str(work / f"cache-{count}"), mode]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+            figures["growth_mb"] = figures["peak_mb"] - figures["baseline_mb"]
+            report[mode][count] = figures
+            print(f"cache  {mode:9s} {count:6d} images @{size} px ({report['array_mb'][count]:.0f} MB uint8): "
+                  f"{figures['build_img_s']:.0f} img/s, parent peak {figures['peak_mb']:.0f} MB "
+                  f"(+{figures['growth_mb']:.0f} over its imports), workers peak "
+                  f"{figures['workers_peak_mb']:.0f} MB" + (f", read back in {figures['read_s']:.2f} s"
+                                                            if "read_s" in figures else ""), flush=True)
+    return report
+
+
+def cache_suite(args: argparse.Namespace) -> dict:
+    """The cache-build measurement alone, into one JSON (default outputs/bench/cache.json)."""
+    work = Path(tempfile.mkdtemp(prefix="cxr-cache-bench-"))
+    try:
+        source = args.images
+        if source is None:
+            source = work / "generated"
+            generate_images(source, 4 if args.quick else 40)
+        print(f"{os.cpu_count()} cores; images from {source}", flush=True)
+        report = bench_cache(source, args.cache_counts, args.size, work, compare=not args.no_compare)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out or "outputs/bench/cache.json")
+    save_json(report, out)
+    print(f"written to {out}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
 
 
@@ -540,6 +630,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpu-suite", action="store_true",
                         help="the GPU check instead: trainer img/s per precision, the seed-scale sweep "
                         "at 1, 2, 4 jobs per GPU and frozen, peak memory (see GPU_SUITE_KEYS)")
+    parser.add_argument("--cache-suite", action="store_true",
+                        help="the cache build alone: img/s and peak memory at each of --cache-counts "
+                        "images of --size px, each in a fresh process")
+    parser.add_argument("--cache-counts", type=lambda text: [int(n) for n in text.split(",")],
+                        default=[2000, 8000], help="images per cache build (default: 2000,8000)")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="with --cache-suite: skip the in-memory decode it is compared with")
     parser.add_argument("--images", type=Path, help="folder of <class>/ subfolders of images "
                         "(default: $CXR_SHARED_DATA/cxr-fullres, else generated ones)")
     parser.add_argument("--count", type=int, default=320, help="images per pass (files repeat)")
@@ -559,7 +656,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.count, args.size, args.train_size, args.batch_size = 24, 32, 32, 8
         args.repeats, args.head_epochs, args.frozen_count, args.gpu_images = 1, 1, 24, 64
-        args.train_steps, args.train_repeats = 2, 1
+        args.train_steps, args.train_repeats, args.cache_counts = 2, 1, [64, 128]
     return args
 
 
@@ -615,6 +712,8 @@ def main(argv=None) -> dict:
     torch.backends.cudnn.benchmark = True  # fixed shapes, as the trainer runs them
     if args.gpu_suite:
         return gpu_suite(args)
+    if args.cache_suite:
+        return cache_suite(args)
     device = pick_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
     try:

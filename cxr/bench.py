@@ -33,6 +33,7 @@ path, with each job's peak GPU memory. With --quick it runs the same sections at
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import gc
 import itertools
@@ -50,6 +51,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +68,7 @@ from torchvision import datasets, transforms
 from cxr import results
 from cxr.batches import preprocess, train_batches
 from cxr.config import CONF_DIR, register_configs
-from cxr.data import find_classes, list_files, load_dataset, subset
+from cxr.data import LAYOUTS, find_classes, list_files, load_dataset, split_by_patient, subset
 from cxr.decoding import Split, decode_split, load_split
 from cxr.engine import autocast, train_one_epoch
 from cxr.features import TrainingView, extract, training_view
@@ -618,6 +620,67 @@ def cache_suite(args: argparse.Namespace) -> dict:
     return report
 
 
+NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+                "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax")
+
+
+def write_index_tables(root: Path, rows: int) -> None:
+    """`rows` images as hard links to 8 small PNGs in the NIH layout (Data_Entry_2017.csv,
+    test_list.txt, images_XXX/images/, 4 images per patient, 14 findings at 5% each), and the same
+    as a generic CSV (path, findings joined by |, patient, split)."""
+    rng = np.random.default_rng(0)
+    seeds = [root / f"seed{k}.png" for k in range(8)]
+    for path in seeds:
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+    entries, generic = [], []
+    for i in range(rows):
+        patient, name = i // 4 + 1, f"{i // 4 + 1:08d}_{i % 4:03d}.png"
+        relative = Path(f"images_{i // 10_000 + 1:03d}") / "images" / name
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.link(seeds[i % 8], root / relative)
+        findings = "|".join(f for f in NIH_FINDINGS if rng.random() < 0.05) or "No Finding"
+        entries.append([name, findings, i % 4, patient, 50, "M", "PA", 64, 64, 0.14, 0.14])
+        generic.append([str(relative), findings, patient, "test" if patient % 5 == 0 else "train"])
+    for path, header, table in (
+            (root / "Data_Entry_2017.csv", ["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
+                                            "Patient Age", "Patient Gender", "View Position", "OriginalImage[Width",
+                                            "Height]", "OriginalImagePixelSpacing[x", "y]"], entries),
+            (root / "generic.csv", ["Path", "Findings", "Patient", "Split"], generic)):
+        with open(path, "w", newline="") as file:
+            csv.writer(file).writerows([header, *table])
+    (root / "test_list.txt").write_text("".join(f"{row[0]}\n" for row in entries if row[3] % 5 == 0))
+
+
+def index_suite(args: argparse.Namespace) -> dict:
+    """Indexing a large table alone (no decoding): data=nih and data=csv with findings joined in
+    one column, each --repeats times (median), and carving validation by patient from train."""
+    work = Path(tempfile.mkdtemp(prefix="cxr-index-bench-"))
+    try:
+        write_index_tables(work, args.index_rows)
+        layouts = {"nih": ["data=nih", f"data.root={work}"],
+                   "csv_findings": ["data=csv", f"data.csv={work / 'generic.csv'}", "data.label_column=Findings",
+                                    "data.label_separator='|'", "data.patient_column=Patient",
+                                    "data.split_column=Split"]}
+        report = {"rows": args.index_rows, "findings": len(NIH_FINDINGS)}
+        for name, overrides in layouts.items():
+            data_cfg = compose_train(overrides).data
+            index = partial(LAYOUTS[data_cfg.layout], data_cfg)
+            seconds = [timed(index, torch.device("cpu")) for _ in range(args.repeats)]
+            report[f"{name}_s"] = statistics.median(seconds)
+            print(f"index  {name:12s} {args.index_rows} rows: " + ", ".join(f"{t:.2f}" for t in seconds)
+                  + f" s (median {report[f'{name}_s']:.2f})", flush=True)
+        listing = index()
+        report["val_carve_s"] = timed(partial(split_by_patient, listing.items["train"], 0.1, 0, listing.patient_of),
+                                      torch.device("cpu"))
+        report["items"] = {split: len(items) for split, items in listing.items.items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out or "outputs/bench/index.json")
+    save_json(report, out)
+    print(f"written to {out}")
+    return report
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -633,6 +696,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-suite", action="store_true",
                         help="the cache build alone: img/s and peak memory at each of --cache-counts "
                         "images of --size px, each in a fresh process")
+    parser.add_argument("--index-suite", action="store_true",
+                        help="indexing alone: --index-rows rows of a NIH-layout table and a generic CSV "
+                        "(hard links, no decoding), data=nih and data=csv, median of --repeats")
+    parser.add_argument("--index-rows", type=int, default=100_000, help="rows of --index-suite's tables")
     parser.add_argument("--cache-counts", type=lambda text: [int(n) for n in text.split(",")],
                         default=[2000, 8000], help="images per cache build (default: 2000,8000)")
     parser.add_argument("--no-compare", action="store_true",
@@ -657,6 +724,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.count, args.size, args.train_size, args.batch_size = 24, 32, 32, 8
         args.repeats, args.head_epochs, args.frozen_count, args.gpu_images = 1, 1, 24, 64
         args.train_steps, args.train_repeats, args.cache_counts = 2, 1, [64, 128]
+        args.index_rows = 2_000
     return args
 
 
@@ -714,6 +782,8 @@ def main(argv=None) -> dict:
         return gpu_suite(args)
     if args.cache_suite:
         return cache_suite(args)
+    if args.index_suite:
+        return index_suite(args)
     device = pick_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
     try:

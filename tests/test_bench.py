@@ -83,3 +83,14 @@ def test_gpu_suite_quick_writes_every_key_on_cpu(tmp_path):
     assert report["sweeps"]["jobs_per_gpu_2"]["jobs_per_gpu"] == 2
     for key in ("trainer_img_s.compile", "compile_s", "busy_fraction", "sweeps.jobs_per_gpu_1.peak_gpu_memory_mb"):
         assert _at(report, key) is None, key  # CUDA only
+
+
+def test_index_suite_quick_indexes_every_row_of_both_tables(tmp_path):
+    """2,000 rows, 4 images per patient, every fifth patient in the test list: 100 patients x 4
+    images are test, the other 1,600 train, through data=nih and data=csv alike."""
+    out = tmp_path / "index.json"
+    subprocess.run([sys.executable, "-m", "cxr.bench", "--index-suite", "--quick", "--out", str(out)],
+                   cwd=REPO, check=True, capture_output=True, text=True, timeout=120)
+    report = json.loads(out.read_text())
+    assert report["rows"] == 2000 and report["items"] == {"train": 1600, "val": 0, "test": 400}
+    assert all(report[key] > 0 for key in ("nih_s", "csv_findings_s", "val_carve_s"))

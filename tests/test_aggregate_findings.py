@@ -201,6 +201,7 @@ def test_a_mixed_sweep_and_a_failed_job_do_not_break_the_report(tmp_path):
     assert [row["test/auroc/Edema"] for row in rows] == ["", "", "0.8", ""]
 
 
+@pytest.mark.slow  # a subprocess; the multi-label sweep test runs the same report through Hydra's callback
 def test_the_cli_reports_a_multilabel_sweep(multilabel_sweep):
     done = subprocess.run([sys.executable, "-m", "cxr.aggregate", str(multilabel_sweep)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)

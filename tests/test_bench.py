@@ -85,6 +85,7 @@ def test_gpu_suite_quick_writes_every_key_on_cpu(tmp_path):
         assert _at(report, key) is None, key  # CUDA only
 
 
+@pytest.mark.slow
 def test_index_suite_quick_indexes_every_row_of_both_tables(tmp_path):
     """2,000 rows, 4 images per patient, every fifth patient in the test list: 100 patients x 4
     images are test, the other 1,600 train, through data=nih and data=csv alike."""

@@ -273,6 +273,9 @@ def validate_data(d: Any) -> None:
     _check(d.uncertain in ("ones", "zeros", "ignore"), f"data.uncertain must be ones|zeros|ignore, got {d.uncertain}")
     _check(d.blank in ("negative", "ignore"), f"data.blank must be negative|ignore, got {d.blank}")
     _check(d.views in ("all", "frontal"), f"data.views must be all|frontal, got {d.views}")
+    _check(not (d.label_columns and d.label_separator is not None),
+           "data.label_columns and data.label_separator both set: findings come either from one column per "
+           "finding or from one column of joined findings")
     _check(d.synthetic is None or d.synthetic.layout in ("kaggle", "nih"),
            f"data.synthetic.layout must be kaggle|nih, got {d.synthetic and d.synthetic.layout}")
     _check(d.synthetic is None or (d.synthetic.layout == "nih") == (d.layout == "nih"),

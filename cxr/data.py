@@ -411,6 +411,9 @@ def index_csv(data_cfg) -> Listing:
     elif data_cfg.label_separator is not None:
         classes, label_of = separated_labels(data_cfg, rows, source)
     else:
+        if data_cfg.labels is not None:
+            raise DataError("data.labels picks the findings of multi-label data (data.label_columns or "
+                            "data.label_separator); the classes of single-label data are data.classes")
         classes = csv_classes(data_cfg, rows, source)
         label_index = {name: label for label, name in enumerate(classes)}
         label_of = lambda row, line: label_index[row["label_column"]]  # noqa: E731

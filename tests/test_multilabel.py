@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cxr.data import load_dataset
+from cxr.data import DataError, load_dataset
 from cxr.engine import balanced_pos_weight, loss_of
 from cxr.metrics import choose_threshold, scalar_metrics
 from cxr.predict import main as predict_main
@@ -337,3 +337,41 @@ def test_a_multilabel_run_extended_by_more_epochs_matches_one_run_straight_throu
     assert extended["status"] == "ok" and len(extended["threshold"]) == len(FINDINGS)
     assert extended["history"] == straight["history"]
     assert extended["metrics"] == straight["metrics"]
+
+
+@pytest.mark.parametrize("cells, overrides, expected", [
+    (["1", "2"], ["data.label_columns=[A,B]"], "line 3: label '2' is not 1, 0, -1 (uncertain) or blank"),
+    (["1", "0"], ["data.label_column=A", "data.labels=[A]"],
+     "data.labels picks the findings of multi-label data (data.label_columns or data.label_separator)"),
+    (["1", "0"], ["data.label_columns=[A,C]"], "has no column 'C' (data.label_columns[1])"),
+])
+def test_multilabel_csv_mistakes_are_one_line_naming_the_line_or_key(tmp_path, make_cfg, cells, overrides, expected):
+    for name in ("a.png", "b.png"):
+        Image.new("L", (40, 40)).save(tmp_path / name)
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Path", "A", "B", "Split"], ["a.png", "0", "1", "train"], ["b.png", *cells, "test"]])
+    cfg = make_cfg("data=csv", f"data.csv={tmp_path / 't.csv'}", "data.split_column=Split", *overrides)
+    with pytest.raises(DataError) as error:
+        load_dataset(cfg.data)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_label_columns_and_a_separator_together_are_refused_before_any_work(make_cfg, tmp_path):
+    record = run_safely_record(make_cfg("data=csv", "debug=smoke", f"data.csv={tmp_path / 'none.csv'}",
+                                        "data.label_columns=[A]", "data.label_separator=';'"), tmp_path / "run")
+    assert record["status"] == "failed" and record["error"].startswith("data.label_columns and data.label_separator")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_a_multilabel_sweep_runs_under_the_parallel_launchers(nih_root, tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "-m", f"hydra/launcher={launcher}", "data=nih",
+                           *runner_overrides(nih_root), "trainer.epochs=2", "trainer.tensorboard_images=false",
+                           "model.dense=8,16", f"hydra.sweep.dir={sweep}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(path.read_text()) for path in sorted(sweep.glob("*/result.json"))]
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert all(len(r["threshold"]) == 3 for r in records)
+    assert "## Test AUROC per finding" in (sweep / "results.md").read_text()

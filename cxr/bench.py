@@ -602,22 +602,28 @@ def bench_cache(source: Path, counts: list[int], size: int, work: Path, compare:
     return report
 
 
-def cache_suite(args: argparse.Namespace) -> dict:
-    """The cache-build measurement alone, into one JSON (default outputs/bench/cache.json)."""
-    work = Path(tempfile.mkdtemp(prefix="cxr-cache-bench-"))
+def scratch_suite(args: argparse.Namespace, name: str, measure: Callable[[argparse.Namespace, Path], dict]) -> dict:
+    """One measurement alone, in a scratch folder removed afterwards; its report is saved to --out
+    (default outputs/bench/<name>.json)."""
+    work = Path(tempfile.mkdtemp(prefix=f"cxr-{name}-bench-"))
     try:
-        source = args.images
-        if source is None:
-            source = work / "generated"
-            generate_images(source, 4 if args.quick else 40)
-        print(f"{os.cpu_count()} cores; images from {source}", flush=True)
-        report = bench_cache(source, args.cache_counts, args.size, work, compare=not args.no_compare)
+        report = measure(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out or "outputs/bench/cache.json")
+    out = Path(args.out or f"outputs/bench/{name}.json")
     save_json(report, out)
     print(f"written to {out}")
     return report
+
+
+def cache_suite(args: argparse.Namespace, work: Path) -> dict:
+    """--cache-suite: the cache build alone (bench_cache) on --images or generated ones."""
+    source = args.images
+    if source is None:
+        source = work / "generated"
+        generate_images(source, 4 if args.quick else 40)
+    print(f"{os.cpu_count()} cores; images from {source}", flush=True)
+    return bench_cache(source, args.cache_counts, args.size, work, compare=not args.no_compare)
 
 
 NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
@@ -651,33 +657,25 @@ def write_index_tables(root: Path, rows: int) -> None:
     (root / "test_list.txt").write_text("".join(f"{row[0]}\n" for row in entries if row[3] % 5 == 0))
 
 
-def index_suite(args: argparse.Namespace) -> dict:
-    """Indexing a large table alone (no decoding): data=nih and data=csv with findings joined in
-    one column, each --repeats times (median), and carving validation by patient from train."""
-    work = Path(tempfile.mkdtemp(prefix="cxr-index-bench-"))
-    try:
-        write_index_tables(work, args.index_rows)
-        layouts = {"nih": ["data=nih", f"data.root={work}"],
-                   "csv_findings": ["data=csv", f"data.csv={work / 'generic.csv'}", "data.label_column=Findings",
-                                    "data.label_separator='|'", "data.patient_column=Patient",
-                                    "data.split_column=Split"]}
-        report = {"rows": args.index_rows, "findings": len(NIH_FINDINGS)}
-        for name, overrides in layouts.items():
-            data_cfg = compose_train(overrides).data
-            index = partial(LAYOUTS[data_cfg.layout], data_cfg)
-            seconds = [timed(index, torch.device("cpu")) for _ in range(args.repeats)]
-            report[f"{name}_s"] = statistics.median(seconds)
-            print(f"index  {name:12s} {args.index_rows} rows: " + ", ".join(f"{t:.2f}" for t in seconds)
-                  + f" s (median {report[f'{name}_s']:.2f})", flush=True)
-        listing = index()
-        report["val_carve_s"] = timed(partial(split_by_patient, listing.items["train"], 0.1, 0, listing.patient_of),
-                                      torch.device("cpu"))
-        report["items"] = {split: len(items) for split, items in listing.items.items()}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out or "outputs/bench/index.json")
-    save_json(report, out)
-    print(f"written to {out}")
+def index_suite(args: argparse.Namespace, work: Path) -> dict:
+    """--index-suite: indexing a large table alone (no decoding): data=nih and data=csv with the
+    findings joined in one column, each --repeats times (median), and carving validation by patient."""
+    write_index_tables(work, args.index_rows)
+    layouts = {"nih": ["data=nih", f"data.root={work}"],
+               "csv_findings": ["data=csv", f"data.csv={work / 'generic.csv'}", "data.label_column=Findings",
+                                "data.label_separator='|'", "data.patient_column=Patient", "data.split_column=Split"]}
+    report = {"rows": args.index_rows, "findings": len(NIH_FINDINGS)}
+    for name, overrides in layouts.items():
+        data_cfg = compose_train(overrides).data
+        index = partial(LAYOUTS[data_cfg.layout], data_cfg)
+        seconds = [timed(index, torch.device("cpu")) for _ in range(args.repeats)]
+        report[f"{name}_s"] = statistics.median(seconds)
+        print(f"index  {name:12s} {args.index_rows} rows: " + ", ".join(f"{t:.2f}" for t in seconds)
+              + f" s (median {report[f'{name}_s']:.2f})", flush=True)
+    listing = index()
+    report["val_carve_s"] = timed(partial(split_by_patient, listing.items["train"], 0.1, 0, listing.patient_of),
+                                  torch.device("cpu"))
+    report["items"] = {split: len(items) for split, items in listing.items.items()}
     return report
 
 
@@ -781,9 +779,9 @@ def main(argv=None) -> dict:
     if args.gpu_suite:
         return gpu_suite(args)
     if args.cache_suite:
-        return cache_suite(args)
+        return scratch_suite(args, "cache", cache_suite)
     if args.index_suite:
-        return index_suite(args)
+        return scratch_suite(args, "index", index_suite)
     device = pick_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
     try:

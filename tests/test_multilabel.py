@@ -241,6 +241,7 @@ def test_a_nih_run_logs_per_finding_auroc_to_tensorboard(nih_run):
     tags = events.Tags()["scalars"]
     for name in FINDINGS:
         assert f"val/auroc/{name}" in tags and f"test/auroc/{name}" in tags
+    assert {"test/roc", "test/gradcam"} <= set(events.Tags()["images"])  # a curve and a row per finding
     history = [row[f"val/auroc/{FINDINGS[0]}"] for row in record["history"]]
     logged = [event.value for event in events.Scalars(f"val/auroc/{FINDINGS[0]}")]
     np.testing.assert_allclose(logged, history, rtol=1e-6)
@@ -375,3 +376,31 @@ def test_a_multilabel_sweep_runs_under_the_parallel_launchers(nih_root, tmp_path
     assert [r["status"] for r in records] == ["ok", "ok"]
     assert all(len(r["threshold"]) == 3 for r in records)
     assert "## Test AUROC per finding" in (sweep / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_gathers_each_multilabel_test_image_once_as_one_process_predicts_it(nih_root, tmp_path):
+    """2 processes, 40 test images: rank 0's per-image, per-finding probabilities equal cxr.predict's
+    in one process, and the per-finding AUROCs are those of the gathered predictions."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "cxr.train", "data=nih", *runner_overrides(nih_root), "trainer.epochs=2",
+                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "ok" and result["world_size"] == 2 and result["data"]["test"] == 40
+    with open(run_dir / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len({row["path"] for row in rows}) == 40
+    output = tmp_path / "single.csv"
+    assert predict_main([f"checkpoint={run_dir / 'best.pt'}", f"inputs={nih_root / 'images_001' / 'images'}",
+                         f"output={output}", "device=cpu"]) == 0
+    with open(output, newline="") as f:
+        single = {row["path"]: row for row in csv.DictReader(f)}
+    for row in rows:  # training read the frozen features as cached, in float16; predict computes them anew
+        for name in FINDINGS:
+            assert float(row[f"prob_{name}"]) == pytest.approx(float(single[row["path"]][f"prob_{name}"]), abs=1e-3)
+    probs = np.array([[float(row[f"prob_{name}"]) for name in FINDINGS] for row in rows])
+    for k, name in enumerate(FINDINGS):
+        expected = roc_auc_score(truth_matrix(rows, FINDINGS)[:, k], probs[:, k])
+        assert result["metrics"][f"test/auroc/{name}"] == pytest.approx(expected, abs=1e-5)

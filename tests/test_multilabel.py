@@ -20,7 +20,7 @@ from cxr.data import DataError, load_dataset
 from cxr.engine import balanced_pos_weight, loss_of
 from cxr.metrics import choose_threshold, scalar_metrics
 from cxr.predict import main as predict_main
-from cxr.train import run
+from cxr.train import run, run_safely
 
 REPO = Path(__file__).resolve().parents[1]
 FINDINGS = ("Effusion", "Nodule", "Pneumonia")
@@ -156,16 +156,10 @@ def test_data_labels_picks_findings_and_a_misspelt_one_is_one_line(make_cfg, nih
     dataset = load_dataset(make_cfg("data=nih", f"data.root={nih_root}", "data.image_size=32",
                                     "data.labels=[Pneumonia,Effusion]").data)
     assert dataset.classes == ["Pneumonia", "Effusion"] and dataset.train.labels.shape[1] == 2
-    record = run_safely_record(make_cfg("data=nih", f"data.root={nih_root}", "data.labels=[Pneumonia,Efusion]",
-                                        *runner_overrides(nih_root)[1:]), tmp_path)
+    record = run_safely(make_cfg("data=nih", "data.labels=[Pneumonia,Efusion]", *runner_overrides(nih_root)),
+                        tmp_path, [])
     assert record["status"] == "failed"
     assert record["error"].startswith("data.labels names 'Efusion', not a finding of") and "\n" not in record["error"]
-
-
-def run_safely_record(cfg, output_dir):
-    from cxr.train import run_safely
-
-    return run_safely(cfg, output_dir, [])
 
 
 def test_masked_bce_matches_torch_on_the_known_entries_and_pos_weight_counts_them():
@@ -333,8 +327,8 @@ def test_a_multilabel_run_extended_by_more_epochs_matches_one_run_straight_throu
     quick = (*runner_overrides(nih_root), "trainer.bootstrap=0", "trainer.tensorboard_images=false")
     straight = run(make_cfg("data=nih", *quick, "trainer.epochs=4"), tmp_path / "straight")
     run(make_cfg("data=nih", *quick, "trainer.epochs=2", "trainer.keep_last=true"), tmp_path / "extended")
-    extended = run_safely_record(make_cfg("data=nih", *quick, "trainer.epochs=4", "trainer.resume=true"),
-                                 tmp_path / "extended")
+    extended = run_safely(make_cfg("data=nih", *quick, "trainer.epochs=4", "trainer.resume=true"),
+                          tmp_path / "extended", [])
     assert extended["status"] == "ok" and len(extended["threshold"]) == len(FINDINGS)
     assert extended["history"] == straight["history"]
     assert extended["metrics"] == straight["metrics"]
@@ -358,8 +352,8 @@ def test_multilabel_csv_mistakes_are_one_line_naming_the_line_or_key(tmp_path, m
 
 
 def test_label_columns_and_a_separator_together_are_refused_before_any_work(make_cfg, tmp_path):
-    record = run_safely_record(make_cfg("data=csv", "debug=smoke", f"data.csv={tmp_path / 'none.csv'}",
-                                        "data.label_columns=[A]", "data.label_separator=';'"), tmp_path / "run")
+    record = run_safely(make_cfg("data=csv", "debug=smoke", f"data.csv={tmp_path / 'none.csv'}",
+                                 "data.label_columns=[A]", "data.label_separator=';'"), tmp_path / "run", [])
     assert record["status"] == "failed" and record["error"].startswith("data.label_columns and data.label_separator")
 
 

@@ -319,9 +319,9 @@ def label_value(cell: str, uncertain: int, blank: int) -> int:
     return int(value)
 
 
-def column_labels(data_cfg, findings: list[str], source: str):
-    """One column per finding (data.label_columns, CheXpert): the row -> labels function."""
-    keys = [f"label_columns[{i}]" for i in range(len(findings))]
+def column_labels(data_cfg, keys: list[str], source: str):
+    """One column per finding (data.label_columns, CheXpert), read from the rows' `keys` in order:
+    the row -> labels function."""
     uncertain, blank = UNCERTAIN[data_cfg.uncertain], BLANK[data_cfg.blank]  # read once, not per cell
 
     def label_of(row: dict[str, str], line: int) -> tuple[int, ...]:
@@ -399,15 +399,14 @@ def index_csv(data_cfg) -> Listing:
     root = Path(data_cfg.root).expanduser() if data_cfg.root is not None else path.parent
     keys = ["path_column", "patient_column", "split_column"] + ([] if data_cfg.label_columns else ["label_column"])
     columns = {key: data_cfg[key] for key in keys if data_cfg[key] is not None}
-    columns.update({f"label_columns[{i}]": name for i, name in enumerate(data_cfg.label_columns or [])})
-    rows = read_table(path, columns, source)
+    finding_columns = {}  # the columns of the findings data.labels picks, in its order
     if data_cfg.label_columns:
-        classes = chosen_findings(list(data_cfg.label_columns), data_cfg.labels, source)
-        keep = [list(data_cfg.label_columns).index(name) for name in classes]
-        for _, row in rows:  # data.labels picks columns: renumber them in its order
-            picked = [row.pop(f"label_columns[{i}]") for i in range(len(data_cfg.label_columns))]
-            row.update({f"label_columns[{j}]": picked[i] for j, i in enumerate(keep)})
-        label_of = column_labels(data_cfg, classes, source)
+        named = list(data_cfg.label_columns)
+        classes = chosen_findings(named, data_cfg.labels, source)
+        finding_columns = {f"label_columns[{named.index(name)}]": name for name in classes}
+    rows = read_table(path, {**columns, **finding_columns}, source)
+    if finding_columns:
+        label_of = column_labels(data_cfg, list(finding_columns), source)
     elif data_cfg.label_separator is not None:
         classes, label_of = separated_labels(data_cfg, rows, source)
     else:
@@ -481,8 +480,8 @@ def index_chexpert(data_cfg) -> Listing:
     source = f"{root}/{{train,valid}}.csv"
     header = read_header(tables["train"], str(tables["train"]))
     findings = chosen_findings([name for name in header if name not in CHEXPERT_META], data_cfg.labels, source)
-    columns = {"path_column": "Path", "views": "Frontal/Lateral",
-               **{f"label_columns[{i}]": name for i, name in enumerate(findings)}}
+    finding_columns = {f"label_columns[{i}]": name for i, name in enumerate(findings)}
+    columns = {"path_column": "Path", "views": "Frontal/Lateral", **finding_columns}
     rows = []
     for split, table in tables.items():
         for line, row in read_table(table, columns, str(table)):
@@ -493,8 +492,8 @@ def index_chexpert(data_cfg) -> Listing:
             rows.append((line, row))
     first = Path(rows[0][1]["path_column"]).parts[0] if rows else ""
     base = root.parent if first == root.name else root  # paths name the dataset's own folder
-    return table_listing(data_cfg, rows, base, findings, column_labels(data_cfg, findings, source), source,
-                         True, tables["train"])
+    return table_listing(data_cfg, rows, base, findings, column_labels(data_cfg, list(finding_columns), source),
+                         source, True, tables["train"])
 
 
 def index_folders(data_cfg) -> Listing:

@@ -398,3 +398,19 @@ def test_torchrun_gathers_each_multilabel_test_image_once_as_one_process_predict
     for k, name in enumerate(FINDINGS):
         expected = roc_auc_score(truth_matrix(rows, FINDINGS)[:, k], probs[:, k])
         assert result["metrics"][f"test/auroc/{name}"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_data_labels_picks_and_orders_label_columns(make_cfg, tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("L", (40, 40)).save(tmp_path / name)
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Path", "A", "B", "C", "Split"], ["a.png", "1", "0", "-1", "train"],
+                                 ["b.png", "0", "", "1", "train"], ["c.png", "1", "1", "0", "test"]])
+    cfg = make_cfg("data=csv", f"data.csv={tmp_path / 't.csv'}", "data.split_column=Split", "data.val_fraction=0.5",
+                   "data.label_columns=[A,B,C]", "data.labels=[C,A]", "data.image_size=32")
+    dataset = load_dataset(cfg.data)
+    assert dataset.classes == ["C", "A"]
+    splits = (dataset.train, dataset.val, dataset.test)
+    by_path = dict(zip([p for split in splits for p in split.paths],
+                       torch.cat([split.labels for split in splits]).tolist(), strict=True))
+    assert {Path(p).name: v for p, v in by_path.items()} == {"a.png": [-1, 1], "b.png": [1, 0], "c.png": [0, 1]}

@@ -527,7 +527,11 @@ def load_dataset(data_cfg) -> Dataset:
         if len(splits[name]) == 0:
             raise DataError(f"no readable images in {listing.where(name)}")
     if listing.multilabel:
-        absent = [name for k, name in enumerate(listing.classes) if not (splits["train"].labels[:, k] == 1).any()]
+        labels = splits["train"].labels
+        log.info("train labels per finding (positive/negative/unknown): %s", ", ".join(
+            f"{name} {int((labels[:, k] == 1).sum())}/{int((labels[:, k] == 0).sum())}/{int((labels[:, k] < 0).sum())}"
+            for k, name in enumerate(listing.classes)))
+        absent = [name for k, name in enumerate(listing.classes) if not (labels[:, k] == 1).any()]
         if absent:  # it can still be scored where other splits have it; its AUROC is null otherwise
             log.warning("no positive training image of %s", ", ".join(absent))
     else:  # a class of unreadable files only would leave one class to train on, and no error

@@ -4,8 +4,8 @@
               weights, optimizer, learning-rate schedule and scaler state, the loop's state,
               every rank's RNG states
     best.pt   the weights of the best epoch by validation, and what cxr.predict needs to use
-              them: classes (multi-label: findings, `multilabel` true), image size,
-              normalisation, the network's shape, the threshold (multi-label: one per finding)
+              them: classes (multi-label: findings), image size, normalisation, the network's
+              shape, the threshold (multi-label: a list, one per finding)
 
 With a frozen backbone both hold only what trains (feature standardisation + head, a few hundred
 KB) and a reference to the backbone: its weights setting, the seed of a random init and a digest
@@ -91,11 +91,11 @@ class Checkpoints:
     """
 
     def __init__(self, output_dir: Path, model: Classifier, optimizer, scheduler, runtime: Runtime, cfg,
-                 classes: list[str], multilabel: bool = False):
+                 classes: list[str]):
         self.last_path, self.best_path = Path(output_dir) / LAST, Path(output_dir) / BEST
         self.model, self.optimizer, self.runtime, self.cfg = model, optimizer, runtime, cfg
         self.scheduler = scheduler
-        self.classes, self.multilabel = classes, multilabel
+        self.classes = classes
         self.frozen = cfg.model.freeze_backbone
         self.fingerprint = fingerprint(cfg)
         # the frozen backbone, by reference: rebuilt from its settings and checked by its digest
@@ -119,7 +119,7 @@ class Checkpoints:
             return
         weights = trained_state(self.model, self.frozen) if weights is None else weights
         save_checkpoint({"model": weights, "backbone": self.backbone, "epoch": epoch,
-                         "threshold": threshold, "classes": self.classes, "multilabel": self.multilabel,
+                         "threshold": threshold, "classes": self.classes,
                          "image_size": self.cfg.data.image_size, "mean": list(MEAN), "std": list(STD),
                          "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
                          "init_seed": self.cfg.seed, "fingerprint": self.fingerprint}, self.best_path)

@@ -45,7 +45,11 @@ class Dataset:
     train: Split
     val: Split
     test: Split
-    multilabel: bool = False  # one sigmoid per finding, labels (N, K) in {1, 0, UNKNOWN}
+
+    @property
+    def multilabel(self) -> bool:
+        """One sigmoid per finding: labels (N, K) in {1, 0, UNKNOWN}."""
+        return self.train.labels.ndim == 2
 
     @property
     def positive_index(self) -> int:
@@ -186,7 +190,11 @@ class Listing:
     items: dict[str, list[tuple[str, int]]]
     patient_of: Callable[[str], str] = patient_id
     csv: Path | None = None  # the CSV the items came from (None: class folders)
-    multilabel: bool = False  # labels are tuples, one value per finding in `classes`
+
+    @property
+    def multilabel(self) -> bool:
+        """Labels are tuples, one value per finding in `classes`."""
+        return any(isinstance(listed[0][1], tuple) for listed in self.items.values() if listed)
 
     def where(self, split: str, label: str | None = None) -> str:
         """Where a split's (or one class's) images were listed, for the one-line errors."""
@@ -369,9 +377,8 @@ def table_listing(data_cfg, rows: Rows, root: Path, classes: list[str], label_of
         patients[image] = row.get("patient_column") or patient_id(image)
     check_files(located, root, source)
     items = {name: sorted(listed, key=lambda item: (item[1], item[0])) for name, listed in items.items()}
-    multilabel = isinstance(items["train"][0][1], tuple) if items["train"] else False
     return Listing(root, classes, table_splits(data_cfg, items, patients.__getitem__, source, has_splits),
-                   patients.__getitem__, table, multilabel)
+                   patients.__getitem__, table)
 
 
 def table_splits(data_cfg, items: dict[str, list], patient_of: Callable[[str], str], source: str,
@@ -509,6 +516,14 @@ def index_folders(data_cfg) -> Listing:
     return Listing(root, classes, items)
 
 
+def label_counts(split: Split, findings: list[str]) -> dict[str, dict[str, int]]:
+    """A multi-label split's positive, negative and unknown labels per finding (what
+    data.uncertain and data.blank change)."""
+    labels = split.labels
+    return {name: {"positive": int((labels[:, k] == 1).sum()), "negative": int((labels[:, k] == 0).sum()),
+                   "unknown": int((labels[:, k] == UNKNOWN).sum())} for k, name in enumerate(findings)}
+
+
 LAYOUTS = {"folders": index_folders, "csv": index_csv, "nih": index_nih, "chexpert": index_chexpert}
 
 
@@ -527,18 +542,17 @@ def load_dataset(data_cfg) -> Dataset:
         if len(splits[name]) == 0:
             raise DataError(f"no readable images in {listing.where(name)}")
     if listing.multilabel:
-        labels = splits["train"].labels
+        counts = label_counts(splits["train"], listing.classes)
         log.info("train labels per finding (positive/negative/unknown): %s", ", ".join(
-            f"{name} {int((labels[:, k] == 1).sum())}/{int((labels[:, k] == 0).sum())}/{int((labels[:, k] < 0).sum())}"
-            for k, name in enumerate(listing.classes)))
-        absent = [name for k, name in enumerate(listing.classes) if not (labels[:, k] == 1).any()]
+            f"{name} {c['positive']}/{c['negative']}/{c['unknown']}" for name, c in counts.items()))
+        absent = [name for name, c in counts.items() if not c["positive"]]
         if absent:  # it can still be scored where other splits have it; its AUROC is null otherwise
             log.warning("no positive training image of %s", ", ".join(absent))
     else:  # a class of unreadable files only would leave one class to train on, and no error
         for label, name in enumerate(listing.classes):
             if not (splits["train"].labels == label).any():
                 raise DataError(f"no readable images in {listing.where('train', name)}")
-    dataset = Dataset(listing.root, listing.classes, **splits, multilabel=listing.multilabel)
+    dataset = Dataset(listing.root, listing.classes, **splits)
     if dataset.skipped:
         log.warning("skipped %d unreadable file(s): %s", len(dataset.skipped), ", ".join(dataset.skipped))
     return dataset

@@ -148,14 +148,21 @@ def choose_threshold(rule: str, labels: np.ndarray, probs: np.ndarray, positive:
     threshold is not used. Multi-label: a list, one threshold per finding from its known entries.
     """
     if labels.ndim == 2:
-        return [choose_threshold(rule, labels[labels[:, k] >= 0, k] == 1,
-                                 np.stack([1 - probs[labels[:, k] >= 0, k], probs[labels[:, k] >= 0, k]], 1), 1)
+        known = labels >= 0
+        return [binary_threshold(rule, labels[known[:, k], k] == 1, probs[known[:, k], k])
                 for k in range(labels.shape[1])]
+    if probs.shape[1] != 2:
+        return 0.5 if rule == "youden" else float(rule)
+    return binary_threshold(rule, labels == positive, probs[:, positive])
+
+
+def binary_threshold(rule: str, present: np.ndarray, scores: np.ndarray) -> float:
+    """A fixed number, or the threshold on `scores` maximising TPR - FPR (0.5 without both classes)."""
     if rule != "youden":
         return float(rule)
-    if probs.shape[1] != 2 or len(np.unique(labels)) < 2:
+    if len(np.unique(present)) < 2:
         return 0.5
-    fpr, tpr, thresholds = roc_curve(labels == positive, probs[:, positive])
+    fpr, tpr, thresholds = roc_curve(present, scores)
     best = int(np.argmax(tpr - fpr))
     # roc_curve's first threshold (nothing positive) is inf: a probability never exceeds 1
     return float(min(thresholds[best], 1.0))

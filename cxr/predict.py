@@ -35,7 +35,7 @@ from cxr.data import is_visible, positive_index
 from cxr.decoding import decode_split
 from cxr.engine import probabilities
 from cxr.explain import GradCamUnavailable, check_grad_cam, grad_cam, save_overlay
-from cxr.metrics import decide
+from cxr.metrics import decide, is_per_finding
 from cxr.model import Classifier, WeightsError
 from cxr.runtime import DeviceError, pick_device
 
@@ -83,7 +83,8 @@ def classify(model: Classifier, settings: dict, files: list[Path], device: torch
     With `overlays` (file -> PNG to write), the Grad-CAM forward pass gives the probabilities
     too, and each readable image's overlay (of `gradcam_class`) is written where `overlays` says.
     """
-    classes, threshold, multilabel = settings["classes"], settings["threshold"], settings.get("multilabel", False)
+    classes, threshold = settings["classes"], settings["threshold"]
+    multilabel = is_per_finding(threshold)  # a multi-label model has a threshold per finding
     positive = positive_index(classes)
     target = cam_target(classes, multilabel, gradcam_class)
     rows = {}
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         model, settings = load_classifier(cfg.checkpoint, device)
         if cfg.gradcam is not None:
             check_grad_cam(model)
-            cam_target(settings["classes"], settings.get("multilabel", False), cfg.gradcam_class)
+            cam_target(settings["classes"], is_per_finding(settings["threshold"]), cfg.gradcam_class)
     except (PredictError, CheckpointError, DeviceError, WeightsError, GradCamUnavailable) as error:
         log.error("%s", error)
         return 1

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr.data import label_counts
 from cxr.files import atomic_write
 
 RESULT_FILE = "result.json"
@@ -67,12 +68,8 @@ def data_summary(dataset) -> dict:
                "val": len(dataset.val), "test": len(dataset.test), "skipped_files": len(dataset.skipped),
                "skipped": dataset.skipped, "root": str(dataset.root)}
     if dataset.multilabel:
-        summary["label_counts"] = {
-            name: {finding: {"positive": int((split.labels[:, k] == 1).sum()),
-                             "negative": int((split.labels[:, k] == 0).sum()),
-                             "unknown": int((split.labels[:, k] < 0).sum())}
-                   for k, finding in enumerate(dataset.classes)}
-            for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
+        summary["label_counts"] = {name: label_counts(split, dataset.classes) for name, split in
+                                   (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
     return summary
 
 

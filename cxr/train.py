@@ -87,8 +87,7 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     epoch_steps = optimizer_steps(micro_steps(len(view.train), runtime.world, cfg.trainer.batch_size),
                                   cfg.trainer.accumulate_steps)
     scheduler = build_scheduler(optimizer, cfg.scheduler, epoch_steps, cfg.trainer.epochs)
-    checkpoints = Checkpoints(output_dir, model, optimizer, scheduler, runtime, cfg, dataset.classes,
-                              dataset.multilabel)
+    checkpoints = Checkpoints(output_dir, model, optimizer, scheduler, runtime, cfg, dataset.classes)
 
     state = resume_or_start(checkpoints, cfg)
     board = RunBoard(output_dir, state.epoch + 1, runtime.is_main)

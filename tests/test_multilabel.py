@@ -253,9 +253,10 @@ def test_predict_writes_a_column_per_finding_and_grad_cam_of_a_chosen_finding(ni
     assert len(rows) == 120 and len(list((tmp_path / "cams").glob("*.png"))) == 120
     with open(out / "test_predictions.csv", newline="") as f:  # the same model and thresholds as the run
         tested = {row["path"]: row for row in csv.DictReader(f)}
-    for row in rows:
-        if row["path"] in tested:
-            assert row["label"] == tested[row["path"]]["label"]
+    shared = [row for row in rows if row["path"] in tested]
+    assert len(shared) == len(tested) == 40
+    for row in shared:
+        assert row["label"] == tested[row["path"]]["label"]
     assert predict_main([f"checkpoint={out / 'best.pt'}", f"inputs={images}", f"output={output}",
                          f"gradcam={tmp_path / 'cams'}", "gradcam_class=Fracture", "device=cpu"]) == 1
 

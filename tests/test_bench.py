@@ -25,6 +25,8 @@ def quick_bench(tmp_path_factory):
     return json.loads(out.read_text()), done.stdout
 
 
+# the benchmark's ~20 s subprocess runs with the slow checks: the fast suite was at 2 min 47 s
+@pytest.mark.slow
 def test_quick_bench_writes_every_key(quick_bench):
     report, stdout = quick_bench
     assert report["device"].startswith("cpu")
@@ -36,6 +38,7 @@ def test_quick_bench_writes_every_key(quick_bench):
     assert "gpu" not in report  # CUDA only
 
 
+@pytest.mark.slow
 def test_defect6_headline_ratios_compare_like_with_like(quick_bench):
     """The loader target compares normalised float batches on both sides (not the cache's raw
     uint8 against the naive loader's floats), and the frozen figure is a real sweep: its jobs

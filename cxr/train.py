@@ -28,8 +28,7 @@ from cxr.batches import epoch_augment
 from cxr.checkpoint import BEST, LAST, CheckpointError, Checkpoints
 from cxr.config import CONF_DIR, ConfigError, effective, register_configs, validate
 from cxr.data import DataError, load_dataset, positive_index
-from cxr.engine import NonFiniteLossError, TrainingState, balanced_pos_weight, evaluate, train_one_epoch
-from cxr.features import TrainingView, training_view
+from cxr.engine import NonFiniteLossError, TrainingState, evaluate
 from cxr.metrics import (
     bootstrap_intervals,
     choose_threshold,
@@ -40,10 +39,11 @@ from cxr.metrics import (
     majority_rate,
     scalar_metrics,
 )
-from cxr.model import WeightsError, build_model, build_optimizer
+from cxr.model import WeightsError
 from cxr.runtime import DeviceError, Runtime, StopSignals, cpu_threads, device_name, start, sweep_job_device
-from cxr.schedule import build_scheduler, optimizer_steps, scheduled_lr
+from cxr.schedule import scheduled_lr
 from cxr.tensorboard import RunBoard, hparams_of
+from cxr.training import Training, build_training
 
 log = logging.getLogger("cxr")
 
@@ -79,15 +79,9 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     record["data"].update(results.data_summary(dataset))
     splits = [split.to(runtime.device) for split in (dataset.train, dataset.val, dataset.test)]
 
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model = build_model(cfg.model, cfg.data.image_size, len(dataset.classes), init_seed=cfg.seed)
-    model = model.to(runtime.device, memory_format=memory_format)
-    view = training_view(model, splits, cfg, runtime.device, runtime.amp_dtype)
-    optimizer = build_optimizer(view.module, cfg.optimizer)
-    epoch_steps = optimizer_steps(micro_steps(len(view.train), runtime.world, cfg.trainer.batch_size),
-                                  cfg.trainer.accumulate_steps)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, epoch_steps, cfg.trainer.epochs)
-    checkpoints = Checkpoints(output_dir, model, optimizer, scheduler, runtime, cfg, dataset.classes)
+    training = build_training(cfg, splits, dataset.classes, runtime)
+    model, view, scheduler = training.model, training.view, training.scheduler
+    checkpoints = Checkpoints(output_dir, model, training.optimizer, scheduler, runtime, cfg, dataset.classes)
 
     state = resume_or_start(checkpoints, cfg)
     board = RunBoard(output_dir, state.epoch + 1, runtime.is_main)
@@ -95,12 +89,11 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
         augment = epoch_augment(cfg.data.augment, cfg.data.hflip, cfg.seed, 1, runtime.device)
         board.input_grid(splits[0].images[:32], dataset.classes, splits[0].labels[:32], augment)
     if state.epoch > 0:  # resuming purged the events from step epoch+1 on: the earlier steps' lrs too
-        board.learning_rates([scheduled_lr(scheduler, i) for i in range(state.epoch, state.epoch * epoch_steps)],
-                             first_step=state.epoch + 1)
+        earlier_steps = range(state.epoch, state.epoch * training.epoch_steps)
+        board.learning_rates([scheduled_lr(scheduler, i) for i in earlier_steps], first_step=state.epoch + 1)
     trained = runtime.wrap(view.module, cfg.trainer.compile)
     with cpu_threads(view.cpu_threads, runtime.device):
-        fit(trained, optimizer, scheduler, view, checkpoints, state, board, cfg, runtime, dataset.classes,
-            balanced_pos_weight(splits[0].labels) if cfg.trainer.pos_weight == "balanced" else None)
+        fit(trained, training, checkpoints, state, board, cfg, runtime, dataset.classes)
         threshold = checkpoints.load_best()
         test_loss, probs, labels = evaluate(trained, view.eval_inputs(view.test, cfg.trainer.eval_batch_size,
                                                                       runtime.rank, runtime.world),
@@ -129,17 +122,11 @@ def resume_or_start(checkpoints: Checkpoints, cfg) -> TrainingState:
     return TrainingState()
 
 
-def micro_steps(images: int, world: int, batch_size: int) -> int:
-    """Batches per epoch of each rank (DistributedSampler gives each an equal share)."""
-    return math.ceil(math.ceil(images / world) / batch_size)
-
-
-def fit(module, optimizer, scheduler, view: TrainingView, checkpoints: Checkpoints, state: TrainingState,
-        board: RunBoard, cfg, runtime: Runtime, classes: list[str], pos_weight: torch.Tensor | None) -> None:
+def fit(module, training: Training, checkpoints: Checkpoints, state: TrainingState, board: RunBoard, cfg,
+        runtime: Runtime, classes: list[str]) -> None:
     """Epochs state.epoch+1 .. trainer.epochs: train, validate, keep last.pt and the best epoch;
     with trainer.patience, stop once trainer.monitor has not improved for that many epochs."""
-    trainer, positive = cfg.trainer, positive_index(classes)
-    steps = micro_steps(len(view.train), runtime.world, trainer.batch_size)
+    trainer, positive, view = cfg.trainer, positive_index(classes), training.view
     sign = -1.0 if trainer.monitor == "val/loss" else 1.0
     if state.epoch == 0:  # the state before any training: a run stopped in epoch 1 resumes from here
         checkpoints.save_last(state)
@@ -148,18 +135,11 @@ def fit(module, optimizer, scheduler, view: TrainingView, checkpoints: Checkpoin
     with StopSignals() as stop:
         for epoch in range(state.epoch + 1, trainer.epochs + 1):
             epoch_start = time.perf_counter()
-            train = train_one_epoch(
-                module, optimizer, view.train_inputs(
-                    trainer.batch_size, epoch, cfg.seed,
-                    epoch_augment(cfg.data.augment, cfg.data.hflip, cfg.seed, epoch, runtime.device),
-                    runtime.rank, runtime.world),
-                device=runtime.device, epoch=epoch, amp_dtype=runtime.amp_dtype, scaler=runtime.scaler,
-                grad_clip=trainer.grad_clip, log_every=trainer.log_every, total=steps,
-                progress=trainer.progress and runtime.is_main, should_stop=lambda: stop.received is not None,
-                scheduler=scheduler, accumulate_steps=trainer.accumulate_steps, pos_weight=pos_weight)
+            train = training.train_epoch(module, epoch, cfg, runtime, progress=trainer.progress and runtime.is_main,
+                                         should_stop=lambda: stop.received is not None)
             raise_if_stopped(stop, state, checkpoints)
             lrs = train.pop("lrs")
-            board.learning_rates(lrs, first_step=scheduler.last_epoch - len(lrs) + 1)
+            board.learning_rates(lrs, first_step=training.scheduler.last_epoch - len(lrs) + 1)
             val_loss, val_probs, val_labels = evaluate(
                 module, view.eval_inputs(view.val, trainer.eval_batch_size, runtime.rank, runtime.world),
                 device=runtime.device, amp_dtype=runtime.amp_dtype)

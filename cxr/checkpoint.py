@@ -4,8 +4,8 @@
               weights, optimizer, learning-rate schedule and scaler state, the loop's state,
               every rank's RNG states
     best.pt   the weights of the best epoch by validation, and what cxr.predict needs to use
-              them: classes (multi-label: findings), image size, normalisation, the network's
-              shape, the threshold (multi-label: a list, one per finding)
+              them: the task (its kind and classes or findings, cxr.task), image size,
+              normalisation, the network's shape, the threshold (multi-label: one per finding)
 
 With a frozen backbone both hold only what trains (feature standardisation + head, a few hundred
 KB) and a reference to the backbone: its weights setting, the seed of a random init and a digest
@@ -25,11 +25,12 @@ from cxr.engine import TrainingState
 from cxr.files import atomic_write
 from cxr.model import Classifier, build_model, weights_digest
 from cxr.runtime import Runtime, rng_state, set_rng_state
+from cxr.task import Task
 
 log = logging.getLogger("cxr")
 
 # bump when the layout changes: older files are refused with a message instead of misread
-CHECKPOINT_VERSION = 4  # 4: any torchvision backbone (model_config.backbone), the lr schedule
+CHECKPOINT_VERSION = 5  # 5: the task (kind and classes) instead of the classes alone
 LAST, BEST = "last.pt", "best.pt"
 # config keys that may change between a run and its resumption (or extension: trainer.epochs)
 RESUMABLE_CHANGES = {"trainer.resume", "trainer.epochs", "trainer.progress", "trainer.device",
@@ -37,7 +38,7 @@ RESUMABLE_CHANGES = {"trainer.resume", "trainer.epochs", "trainer.progress", "tr
                      "trainer.tensorboard_images", "trainer.keep_last", "data.cache_dir",
                      "data.decode_workers", "data.root", "data.csv"}
 # what predict needs from best.pt
-INFERENCE_KEYS = ("model", "classes", "image_size", "mean", "std", "threshold", "model_config")
+INFERENCE_KEYS = ("model", "task", "image_size", "mean", "std", "threshold", "model_config")
 
 
 class CheckpointError(Exception):
@@ -91,11 +92,11 @@ class Checkpoints:
     """
 
     def __init__(self, output_dir: Path, model: Classifier, optimizer, scheduler, runtime: Runtime, cfg,
-                 classes: list[str]):
+                 task: Task):
         self.last_path, self.best_path = Path(output_dir) / LAST, Path(output_dir) / BEST
         self.model, self.optimizer, self.runtime, self.cfg = model, optimizer, runtime, cfg
         self.scheduler = scheduler
-        self.classes = classes
+        self.task = task
         self.frozen = cfg.model.freeze_backbone
         self.fingerprint = fingerprint(cfg)
         # the frozen backbone, by reference: rebuilt from its settings and checked by its digest
@@ -119,7 +120,7 @@ class Checkpoints:
             return
         weights = trained_state(self.model, self.frozen) if weights is None else weights
         save_checkpoint({"model": weights, "backbone": self.backbone, "epoch": epoch,
-                         "threshold": threshold, "classes": self.classes,
+                         "threshold": threshold, "task": self.task.state(),
                          "image_size": self.cfg.data.image_size, "mean": list(MEAN), "std": list(STD),
                          "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
                          "init_seed": self.cfg.seed, "fingerprint": self.fingerprint}, self.best_path)
@@ -165,8 +166,8 @@ class Checkpoints:
             self.last_path.unlink(missing_ok=True)
 
 
-def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier, dict]:
-    """The network of a best.pt in eval mode on `device`, and the checkpoint's settings."""
+def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier, Task, dict]:
+    """The network of a best.pt in eval mode on `device`, its task, and the checkpoint's settings."""
     state = load_checkpoint(Path(path), map_location="cpu")
     missing = [key for key in INFERENCE_KEYS if key not in state]
     if missing:
@@ -176,10 +177,11 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier,
     # a frozen backbone's, which is rebuilt from its reference and must match its digest
     weights = backbone["weights"] if backbone else None
     model_cfg = OmegaConf.create({**state["model_config"], "weights": weights})
-    model = build_model(model_cfg, state["image_size"], len(state["classes"]),
+    task = Task.from_state(state["task"])
+    model = build_model(model_cfg, state["image_size"], task.outputs,
                         init_seed=backbone["init_seed"] if backbone else 0)
     if backbone and weights_digest(model.backbone) != backbone["digest"]:
         raise CheckpointError(f"{path}: the backbone rebuilt from model.weights={weights} is not the "
                               "one this head was trained on (other weights file or torch version)")
     model.load_state_dict(state["model"], strict=backbone is None)
-    return model.to(device).eval(), state
+    return model.to(device).eval(), task, state

@@ -21,12 +21,11 @@ from sklearn.model_selection import StratifiedShuffleSplit
 
 from cxr.decoding import Split, load_split
 from cxr.synthetic import ensure_synthetic
+from cxr.task import UNKNOWN, Task
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-UNKNOWN = -1  # a multi-label value that is not known (CheXpert's uncertain or blank): masked out
-POSITIVE_CLASS = "PNEUMONIA"
 
 PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),
@@ -47,13 +46,9 @@ class Dataset:
     test: Split
 
     @property
-    def multilabel(self) -> bool:
-        """One sigmoid per finding: labels (N, K) in {1, 0, UNKNOWN}."""
-        return self.train.labels.ndim == 2
-
-    @property
-    def positive_index(self) -> int:
-        return positive_index(self.classes)
+    def task(self) -> Task:
+        """Binary, multi-class or (labels (N, K) in {1, 0, UNKNOWN}) multi-label."""
+        return Task.of_labels(self.classes, self.train.labels)
 
     @property
     def skipped(self) -> list[str]:
@@ -62,14 +57,6 @@ class Dataset:
 
 # ---------------------------------------------------------------------------------------------
 # Finding files
-
-
-def positive_index(classes: list[str]) -> int:
-    """Index of the positive class (PNEUMONIA when present, else the last class).
-
-    A function of the class names alone, so predict finds it from a checkpoint's `classes`.
-    """
-    return classes.index(POSITIVE_CLASS) if POSITIVE_CLASS in classes else len(classes) - 1
 
 
 def resolve_root(root: str | os.PathLike) -> Path:

@@ -251,7 +251,7 @@ def _mapped_split(images: np.ndarray, index: dict) -> Split:
 
 def _json_label(label: int | tuple[int, ...]) -> int | list[int]:
     """A label as the cache's JSON index holds it (a multi-label tuple reads back as a list)."""
-    return list(label) if isinstance(label, tuple) else label
+    return np.asarray(label).tolist()
 
 
 def _read_cache(index_file: Path, array_file: Path, items: list[tuple[str, int]],

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
+
+from cxr.task import Task
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,48 +52,13 @@ class TrainingState:
         return improved
 
 
-def loss_of(logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy for class indices (N,); for multi-label (N, K) values in {1, 0, -1 unknown},
-    binary cross-entropy per finding (positives weighted by pos_weight) averaged over the known
-    entries only, so an unknown label neither rewards nor punishes any output."""
-    if labels.ndim == 1:
-        return F.cross_entropy(logits.float(), labels)
-    known = labels >= 0
-    losses = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
-                                                pos_weight=pos_weight, reduction="none")
-    return (losses * known).sum() / known.sum().clamp(min=1)
-
-
-def balanced_pos_weight(labels: torch.Tensor) -> torch.Tensor | None:
-    """trainer.pos_weight=balanced: each finding's positives weighted by its negatives / positives
-    among the known training labels (1 where a finding has no positives); None for single-label."""
-    if labels.ndim == 1:
-        return None
-    positives, negatives = (labels == 1).sum(0).float(), (labels == 0).sum(0).float()
-    return torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones_like(positives))
-
-
-def correct_of(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
-    """Right answers and how many were counted: images (argmax), or known (image, finding)
-    entries at probability 0.5 (multi-label)."""
-    if labels.ndim == 1:
-        return (logits.argmax(1) == labels).sum(), labels.shape[0]
-    known = labels >= 0
-    return (((logits > 0) == (labels == 1)) & known).sum(), known.sum()
-
-
-def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """Class probabilities (softmax over the classes) or one independent probability per finding."""
-    return torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), dim=1)
-
-
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def train_one_epoch(model, optimizer, batches: Iterable, *, device: torch.device, epoch: int,
+def train_one_epoch(model, optimizer, batches: Iterable, task: Task, *, device: torch.device, epoch: int,
                     amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                     grad_clip: float | None = None, log_every: int = 10, total: int | None = None,
                     progress: bool = True, should_stop=lambda: False, scheduler=None,
@@ -119,14 +85,14 @@ def train_one_epoch(model, optimizer, batches: Iterable, *, device: torch.device
         group_size = group_end - (math.ceil(step / accumulate_steps) - 1) * accumulate_steps
         with autocast(device, amp_dtype):
             logits = model(x)
-            loss = loss_of(logits, labels, pos_weight)
+            loss = task.loss(logits, labels, pos_weight)
         backward(loss / group_size, scaler)
         if step == group_end or should_stop():
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer_step(model, optimizer, scaler, grad_clip)
             if scheduler is not None:
                 scheduler.step()
-        right, counted = correct_of(logits.detach(), labels)
+        right, counted = task.correct(logits.detach(), labels)
         loss_sum += loss.detach() * counted
         correct += right
         seen += counted
@@ -173,33 +139,20 @@ def _check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> Non
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable, *, device: torch.device,
+def evaluate(model, batches: Iterable, task: Task, *, device: torch.device,
              amp_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss (`mean_loss`), probabilities (N, C) and labels (N,) or (N, K), gathered from all ranks."""
+    """Mean loss (`Task.mean_loss`), probabilities (N, C) and labels (N,) or (N, K), gathered from all ranks."""
     model.eval()
     probs, labels = [], []
     for x, y in batches:
         with autocast(device, amp_dtype):
             logits = model(x)
-        probs.append(probabilities(logits, multilabel=y.ndim == 2))
+        probs.append(task.probabilities(logits))
         labels.append(y)
     probs_t = torch.cat(probs) if probs else torch.zeros(0, 0, device=device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     probs_np, labels_np = _gather(probs_t.cpu().numpy(), labels_t.cpu().numpy())
-    return mean_loss(probs_np, labels_np), probs_np, labels_np
-
-
-def mean_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Cross-entropy of the true classes; multi-label: binary cross-entropy over the known entries
-    (unweighted, so that validation losses compare across trainer.pos_weight settings)."""
-    if labels.ndim == 1:
-        picked = probs[np.arange(len(labels)), labels]
-        return float(-np.log(np.clip(picked, 1e-12, 1)).mean()) if len(labels) else math.nan
-    known = labels >= 0
-    if not known.any():
-        return math.nan
-    likelihood = np.where(labels == 1, probs, 1 - probs)
-    return float(-np.log(np.clip(likelihood[known], 1e-12, 1)).mean())
+    return task.mean_loss(probs_np, labels_np), probs_np, labels_np
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:

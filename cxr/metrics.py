@@ -1,4 +1,5 @@
-"""Classification metrics (scikit-learn), the decision threshold, and bootstrap intervals.
+"""Classification metrics (scikit-learn), the Youden threshold, and bootstrap intervals: the
+numbers of each kind of task. Which of them a run uses, and on which decisions, is cxr.task's call.
 
 Binary data (NORMAL vs PNEUMONIA): probabilities of the positive class are compared with a
 threshold chosen on validation; sensitivity, precision and F1 are those of PNEUMONIA, specificity
@@ -19,6 +20,7 @@ made-up 0 that would read as a real, bad score.
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import (
@@ -31,56 +33,48 @@ from sklearn.metrics import (
 )
 
 
-def is_per_finding(threshold) -> bool:
-    """A threshold per finding: the decisions are multi-label."""
-    return isinstance(threshold, list | tuple | np.ndarray)
-
-
-def decide(probs: np.ndarray, threshold, positive: int) -> np.ndarray:
-    """Class decisions: threshold on P(positive) for two classes, argmax otherwise; multi-label
-    (a threshold per finding): 1/0 per finding, (N, K)."""
-    if is_per_finding(threshold):
-        return (probs >= np.asarray(threshold)).astype(np.int64)
-    if probs.shape[1] == 2:
-        return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
-    return probs.argmax(axis=1)
-
-
-def auroc(labels: np.ndarray, probs: np.ndarray, positive: int) -> float:
-    """ROC AUC (one-vs-rest macro for more classes); NaN when a class is absent."""
+def auroc(labels: np.ndarray, probs: np.ndarray, positive: int | None) -> float:
+    """ROC AUC of the positive class, or (positive None) one-vs-rest macro over the classes; NaN
+    when a class is absent."""
     if len(np.unique(labels)) < probs.shape[1]:
         return math.nan
-    if probs.shape[1] == 2:
+    if positive is not None:
         return float(roc_auc_score(labels == positive, probs[:, positive]))
     return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
 
 
-def scalar_metrics(labels: np.ndarray, probs: np.ndarray, threshold, positive: int,
-                   findings: list[str] | None = None) -> dict:
-    """acc, balanced_acc, auroc, sensitivity, specificity, precision, f1 (NaN if undefined);
-    multi-label: their macro means and the per-finding `<metric>/<finding>` values."""
-    if labels.ndim == 2:
-        return multilabel_metrics(labels, probs, threshold, findings or [str(k) for k in range(labels.shape[1])])
-    preds = decide(probs, threshold, positive)
+def single_label_metrics(labels: np.ndarray, probs: np.ndarray, decisions: np.ndarray,
+                         positive: int | None) -> dict:
+    """acc, balanced_acc, auroc, sensitivity, specificity, precision, f1 (NaN if undefined) of
+    class decisions: the positive class's values, or (positive None) macro averages."""
     classes = np.arange(probs.shape[1])
     precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, preds, labels=classes, average=None, zero_division=np.nan)
+        labels, decisions, labels=classes, average=None, zero_division=np.nan)
     # one-vs-rest 2x2 tables [[tn, fp], [fn, tp]]: specificity of class k is tn / (tn + fp)
-    tables = multilabel_confusion_matrix(labels, preds, labels=classes)
+    tables = multilabel_confusion_matrix(labels, decisions, labels=classes)
     tn, fp = tables[:, 0, 0], tables[:, 0, 1]
     with np.errstate(invalid="ignore"):  # no negatives for a class: its specificity is NaN
         specificity = tn / (tn + fp)
+
+    def pick(per_class: np.ndarray) -> float:
+        return float(per_class[positive]) if positive is not None else _mean(per_class)
+
     return {
-        "acc": float(accuracy_score(labels, preds)),
+        "acc": float(accuracy_score(labels, decisions)),
         # = sklearn's balanced_accuracy_score (mean recall over the classes present), without its
         # warning when a resample or a split holds one class only
         "balanced_acc": _mean(recall),
         "auroc": auroc(labels, probs, positive),
-        "sensitivity": _pick(recall, positive),
-        "specificity": _pick(specificity, positive),
-        "precision": _pick(precision, positive),
-        "f1": _pick(f1, positive),
+        "sensitivity": pick(recall),
+        "specificity": pick(specificity),
+        "precision": pick(precision),
+        "f1": pick(f1),
     }
+
+
+def confusion(labels: np.ndarray, decisions: np.ndarray, classes: int) -> list[list[int]]:
+    """Rows: true class, columns: decision."""
+    return confusion_matrix(labels, decisions, labels=np.arange(classes)).tolist()
 
 
 def finding_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -98,9 +92,9 @@ def finding_counts(labels: np.ndarray, decisions: np.ndarray) -> tuple[np.ndarra
             (called & absent).sum(0))
 
 
-def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, thresholds, findings: list[str]) -> dict:
-    """The multi-label metrics of the module docstring, at one threshold per finding."""
-    tp, fn, tn, fp = finding_counts(labels, decide(probs, list(thresholds), 0))
+def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, decisions: np.ndarray, findings) -> dict:
+    """The multi-label metrics of the module docstring, of 1/0 decisions per finding."""
+    tp, fn, tn, fp = finding_counts(labels, decisions)
     with np.errstate(invalid="ignore", divide="ignore"):  # a finding without positives: NaN
         sensitivity, specificity = tp / (tp + fn), tn / (tn + fp)
         precision, f1 = tp / (tp + fp), 2 * tp / (2 * tp + fp + fn)
@@ -116,44 +110,15 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, thresholds, findin
     return metrics
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold, positive: int,
-                           findings: list[str] | None = None) -> dict:
-    """scalar_metrics() plus the confusion matrix (rows: true class, columns: decision);
-    multi-label: one [[tn, fp], [fn, tp]] table per finding."""
-    metrics = scalar_metrics(labels, probs, threshold, positive, findings)
-    if labels.ndim == 2:
-        tp, fn, tn, fp = finding_counts(labels, decide(probs, threshold, positive))
-        metrics["confusion"] = [[[int(tn[k]), int(fp[k])], [int(fn[k]), int(tp[k])]] for k in range(len(tp))]
-        return metrics
-    classes = np.arange(probs.shape[1])
-    metrics["confusion"] = confusion_matrix(labels, decide(probs, threshold, positive),
-                                            labels=classes).tolist()
-    return metrics
-
-
-def _pick(per_class: np.ndarray, positive: int) -> float:
-    """The positive class's value for two classes; the macro average for more."""
-    return float(per_class[positive]) if len(per_class) == 2 else _mean(per_class)
+def finding_tables(labels: np.ndarray, decisions: np.ndarray) -> list[list[list[int]]]:
+    """One [[tn, fp], [fn, tp]] table per finding, over its known entries."""
+    tp, fn, tn, fp = finding_counts(labels, decisions)
+    return [[[int(tn[k]), int(fp[k])], [int(fn[k]), int(tp[k])]] for k in range(len(tp))]
 
 
 def _mean(values: np.ndarray) -> float:
     """Mean over the classes where the value is defined (as sklearn's zero_division=nan does)."""
     return float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
-
-
-def choose_threshold(rule: str, labels: np.ndarray, probs: np.ndarray, positive: int):
-    """The decision threshold, from validation only: a fixed number, or Youden's J (max TPR-FPR).
-
-    Youden needs two classes in the labels; with more classes the decision is an argmax and the
-    threshold is not used. Multi-label: a list, one threshold per finding from its known entries.
-    """
-    if labels.ndim == 2:
-        known = labels >= 0
-        return [binary_threshold(rule, labels[known[:, k], k] == 1, probs[known[:, k], k])
-                for k in range(labels.shape[1])]
-    if probs.shape[1] != 2:
-        return 0.5 if rule == "youden" else float(rule)
-    return binary_threshold(rule, labels == positive, probs[:, positive])
 
 
 def binary_threshold(rule: str, present: np.ndarray, scores: np.ndarray) -> float:
@@ -168,26 +133,25 @@ def binary_threshold(rule: str, present: np.ndarray, scores: np.ndarray) -> floa
     return float(min(thresholds[best], 1.0))
 
 
-def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold, positive: int,
-                        resamples: int = 1000, seed: int = 0, findings: list[str] | None = None) -> dict:
-    """95% percentile intervals of every scalar metric over `resamples` stratified resamples.
+def bootstrap_intervals(metrics_of: Callable[[np.ndarray], dict], strata: list[np.ndarray],
+                        resamples: int = 1000, seed: int = 0) -> dict:
+    """95% percentile intervals of every scalar metric `metrics_of(indices)` gives, over
+    `resamples` stratified resamples of the indices.
 
-    Each class is resampled within itself, so every resample keeps the split's class counts and
-    AUROC, sensitivity and specificity are defined in all of them (a plain resample of a small
-    set can miss a class). A metric still undefined in some resample (precision when nothing is
-    called positive) gets None rather than an interval over the resamples where it happened to
-    be defined, which would be biased. The seed is fixed: a run reports the same intervals.
+    Each stratum (a class) is resampled within itself, so every resample keeps the split's class
+    counts and AUROC, sensitivity and specificity are defined in all of them (a plain resample of
+    a small set can miss a class). A metric still undefined in some resample (precision when
+    nothing is called positive) gets None rather than an interval over the resamples where it
+    happened to be defined, which would be biased. The seed is fixed: a run reports the same
+    intervals.
     """
-    if resamples <= 0 or len(labels) == 0:
+    if resamples <= 0 or sum(len(members) for members in strata) == 0:
         return {}
     rng = np.random.default_rng(seed)
-    # multi-label images have no one class: they are resampled as one group
-    by_class = ([np.arange(len(labels))] if labels.ndim == 2 else
-                [np.flatnonzero(labels == c) for c in np.unique(labels)])
     samples = defaultdict(list)
     for _ in range(resamples):
-        idx = np.concatenate([rng.choice(members, len(members)) for members in by_class])
-        for name, value in scalar_metrics(labels[idx], probs[idx], threshold, positive, findings).items():
+        idx = np.concatenate([rng.choice(members, len(members)) for members in strata])
+        for name, value in metrics_of(idx).items():
             samples[name].append(value)
     intervals = {}
     for name, values in samples.items():
@@ -198,16 +162,9 @@ def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold, positi
     return intervals
 
 
-def collapse_warnings(labels: np.ndarray, probs: np.ndarray, threshold: float, positive: int,
-                      classes: list[str]) -> list[str]:
-    """What makes a result meaningless although the run finished: one answer for every image, or
-    an accuracy below that of always answering the commonest class."""
-    if len(labels) == 0:
-        return []
-    if labels.ndim == 2:
-        return multilabel_warnings(labels, probs, threshold)
+def single_label_warnings(labels: np.ndarray, decisions: np.ndarray, classes) -> list[str]:
+    """One answer for every image, or an accuracy below that of always answering the commonest class."""
     warnings = []
-    decisions = decide(probs, threshold, positive)
     if len(np.unique(decisions)) == 1:
         warnings.append(f"constant predictions: every test image called {classes[decisions[0]]}")
     accuracy, floor = float(np.mean(decisions == labels)), majority_rate(labels)
@@ -216,12 +173,12 @@ def collapse_warnings(labels: np.ndarray, probs: np.ndarray, threshold: float, p
     return warnings
 
 
-def multilabel_warnings(labels: np.ndarray, probs: np.ndarray, thresholds) -> list[str]:
-    """Multi-label: the same findings called for every image, or a mean AUROC at chance or below.
-    (Label-wise accuracy is not compared with the majority rate: per-finding thresholds chosen for
+def multilabel_warnings(labels: np.ndarray, probs: np.ndarray, decisions: np.ndarray) -> list[str]:
+    """The same findings called for every image, or a mean AUROC at chance or below. (Label-wise
+    accuracy is not compared with the majority rate: per-finding thresholds chosen for
     sensitivity + specificity trade accuracy on rare findings by design.)"""
     warnings = []
-    if len(np.unique(decide(probs, thresholds, 0), axis=0)) == 1:
+    if len(np.unique(decisions, axis=0)) == 1:
         warnings.append("constant predictions: every test image gets the same findings")
     mean_auroc = _mean(np.array([finding_auroc(labels[:, k], probs[:, k]) for k in range(labels.shape[1])]))
     if mean_auroc <= 0.5:
@@ -230,10 +187,12 @@ def multilabel_warnings(labels: np.ndarray, probs: np.ndarray, thresholds) -> li
 
 
 def majority_rate(labels: np.ndarray) -> float:
-    """Accuracy of always answering the most frequent class: the floor any model must beat.
-    Multi-label: of answering each finding's commoner value, over the known entries."""
-    if labels.ndim == 2:
-        present, absent = (labels == 1).sum(0), (labels == 0).sum(0)
-        known = (present + absent).sum()
-        return float(np.maximum(present, absent).sum() / known) if known else math.nan
+    """Accuracy of always answering the most frequent class."""
     return float(np.bincount(labels).max() / len(labels)) if len(labels) else math.nan
+
+
+def finding_majority_rate(labels: np.ndarray) -> float:
+    """Multi-label: accuracy of answering each finding's commoner value, over the known entries."""
+    present, absent = (labels == 1).sum(0), (labels == 0).sum(0)
+    known = (present + absent).sum()
+    return float(np.maximum(present, absent).sum() / known) if known else math.nan

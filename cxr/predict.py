@@ -31,13 +31,12 @@ from omegaconf.errors import OmegaConfBaseException
 from cxr import results
 from cxr.batches import eval_batches, preprocess
 from cxr.checkpoint import CheckpointError, load_classifier
-from cxr.data import is_visible, positive_index
+from cxr.data import is_visible
 from cxr.decoding import decode_split
-from cxr.engine import probabilities
 from cxr.explain import GradCamUnavailable, check_grad_cam, grad_cam, save_overlay
-from cxr.metrics import decide, is_per_finding
 from cxr.model import Classifier, WeightsError
 from cxr.runtime import DeviceError, pick_device
+from cxr.task import Task
 
 log = logging.getLogger("cxr.predict")
 
@@ -76,17 +75,16 @@ def find_images(inputs: str | Path) -> list[Path]:
     )
 
 
-def classify(model: Classifier, settings: dict, files: list[Path], device: torch.device, batch_size: int = 32,
-             overlays: dict[str, Path] | None = None, gradcam_class: str | None = None) -> list[dict]:
+def classify(model: Classifier, task: Task, settings: dict, files: list[Path], device: torch.device,
+             batch_size: int = 32, overlays: dict[str, Path] | None = None,
+             gradcam_class: str | None = None) -> list[dict]:
     """One row per file, in the order of `files`: path, prob_<class>..., label, status.
 
     With `overlays` (file -> PNG to write), the Grad-CAM forward pass gives the probabilities
     too, and each readable image's overlay (of `gradcam_class`) is written where `overlays` says.
     """
-    classes, threshold = settings["classes"], settings["threshold"]
-    multilabel = is_per_finding(threshold)  # a multi-label model has a threshold per finding
-    positive = positive_index(classes)
-    target = cam_target(classes, multilabel, gradcam_class)
+    threshold = settings["threshold"]
+    target = cam_target(task, gradcam_class)
     rows = {}
     for start in range(0, len(files), DECODE_CHUNK):
         # decode_split, as in training, with -1 for the labels that predict does not have
@@ -103,24 +101,24 @@ def classify(model: Classifier, settings: dict, files: list[Path], device: torch
                 cams = [None] * len(x)
             else:
                 cams, logits = grad_cam(model, x, target)
-            probs = probabilities(logits, multilabel).cpu().numpy()
-            labels = decide(probs, threshold, positive)
+            probs = task.probabilities(logits).cpu().numpy()
+            labels = task.decide(probs, threshold)
             for p, label, cam in zip(probs, labels, cams, strict=True):
                 path = next(paths)
-                rows[path] = results.prediction_row(path, p, results.decision_label(label, classes), classes)
+                rows[path] = results.prediction_row(path, p, task.label_name(label), task.classes)
                 if cam is not None:
                     overlays[path].parent.mkdir(parents=True, exist_ok=True)
                     save_overlay(path, cam, overlays[path])
     return [rows[str(path)] for path in files]
 
 
-def cam_target(classes: list[str], multilabel: bool, name: str | None) -> int:
+def cam_target(task: Task, name: str | None) -> int:
     """The output Grad-CAM explains: `name` (gradcam_class), else the positive class or first finding."""
-    if name is None:
-        return 0 if multilabel else positive_index(classes)
-    if name not in classes:
-        raise PredictError(f"gradcam_class={name} is not one of the checkpoint's classes: {', '.join(classes)}")
-    return classes.index(name)
+    try:
+        return task.cam_target(name)
+    except ValueError:
+        raise PredictError(f"gradcam_class={name} is not one of the checkpoint's classes: "
+                           f"{', '.join(task.classes)}") from None
 
 
 def parse_args(argv: list[str]) -> PredictConfig:
@@ -151,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         if not files:
             raise PredictError(f"no JPEG or PNG files under {cfg.inputs}")
         device = pick_device(cfg.device)
-        model, settings = load_classifier(cfg.checkpoint, device)
+        model, task, settings = load_classifier(cfg.checkpoint, device)
         if cfg.gradcam is not None:
             check_grad_cam(model)
-            cam_target(settings["classes"], is_per_finding(settings["threshold"]), cfg.gradcam_class)
+            cam_target(task, cfg.gradcam_class)
     except (PredictError, CheckpointError, DeviceError, WeightsError, GradCamUnavailable) as error:
         log.error("%s", error)
         return 1
@@ -163,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(cfg.inputs) if Path(cfg.inputs).is_dir() else Path(cfg.inputs).parent
         overlays = {str(p): Path(cfg.gradcam) / p.relative_to(root).with_suffix(".png")
                     for p in files}
-    rows = classify(model, settings, files, device, cfg.batch_size, overlays, cfg.gradcam_class)
-    results.write_predictions(rows, settings["classes"], cfg.output)
+    rows = classify(model, task, settings, files, device, cfg.batch_size, overlays, cfg.gradcam_class)
+    results.write_predictions(rows, task.classes, cfg.output)
     unreadable = [row["path"] for row in rows if row["status"] != "ok"]
     if unreadable:
         log.warning("%d unreadable file(s), listed with status unreadable: %s", len(unreadable),

@@ -23,8 +23,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
-
 from cxr.data import label_counts
 from cxr.files import atomic_write
 
@@ -64,10 +62,11 @@ def new_record(cfg, overrides) -> dict:
 def data_summary(dataset) -> dict:
     """Classes (or findings), split sizes, skipped files; multi-label: each split's count of
     positive, negative and unknown labels per finding (what data.uncertain and data.blank change)."""
-    summary = {"classes": dataset.classes, "multilabel": dataset.multilabel, "train": len(dataset.train),
-               "val": len(dataset.val), "test": len(dataset.test), "skipped_files": len(dataset.skipped),
-               "skipped": dataset.skipped, "root": str(dataset.root)}
-    if dataset.multilabel:
+    task = dataset.task
+    summary = {"classes": dataset.classes, "task": task.kind, "multilabel": task.multilabel,
+               "train": len(dataset.train), "val": len(dataset.val), "test": len(dataset.test),
+               "skipped_files": len(dataset.skipped), "skipped": dataset.skipped, "root": str(dataset.root)}
+    if task.multilabel:
         summary["label_counts"] = {name: label_counts(split, dataset.classes) for name, split in
                                    (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
     return summary
@@ -127,16 +126,6 @@ def flat(record: dict) -> dict:
     for key, interval in (record.get("intervals") or {}).items():
         values[f"{key}_ci95"] = tuple(interval) if interval else None
     return values
-
-
-NO_FINDING = "No Finding"  # the label of an image with no finding called (NIH's and CheXpert's name)
-
-
-def decision_label(decision, classes: list[str]) -> str:
-    """A class name, or (multi-label, 1/0 per finding) the findings called, joined by |."""
-    if isinstance(decision, int | np.integer):
-        return classes[decision]
-    return "|".join(name for name, called in zip(classes, decision, strict=True) if called == 1) or NO_FINDING
 
 
 def prediction_row(path: str, probs, label: str, classes: list[str], truth: str | None = None) -> dict:

@@ -24,7 +24,8 @@ from torchvision.utils import make_grid  # noqa: E402
 
 from cxr.batches import Augment, denormalise, preprocess  # noqa: E402
 from cxr.explain import GradCamUnavailable, grad_cam, overlay  # noqa: E402
-from cxr.results import DECIDING_METRICS, decision_label  # noqa: E402
+from cxr.results import DECIDING_METRICS  # noqa: E402
+from cxr.task import Task  # noqa: E402
 
 log = logging.getLogger("cxr")
 
@@ -89,7 +90,7 @@ class RunBoard:
         for summary in (session_start, session_end):
             self.writer.file_writer.add_summary(summary)
 
-    def input_grid(self, images: torch.Tensor, classes: list[str], labels: torch.Tensor,
+    def input_grid(self, images: torch.Tensor, task: Task, labels: torch.Tensor,
                    augment: Augment | None = None) -> None:
         """The preprocessed training images as the network receives them (augmented, where
         data.augment is set), once per run."""
@@ -97,39 +98,29 @@ class RunBoard:
             return
         inputs = preprocess(images, channels_last=False, augment=augment)
         self.writer.add_image("inputs/train", make_grid(denormalise(inputs).cpu(), nrow=8), 0)
-        names = [decision_label(y, classes) for y in labels.cpu().numpy()]
+        names = [task.label_name(y) for y in labels.cpu().numpy()]
         self.writer.add_text("inputs/train_labels", ", ".join(names), 0)
 
-    def test_figures(self, labels: np.ndarray, probs: np.ndarray, confusion: list,
-                     classes: list[str], positive: int, step: int) -> None:
+    def test_figures(self, labels: np.ndarray, probs: np.ndarray, confusion: list, task: Task, step: int) -> None:
+        """The confusion matrix (single-label runs) and the ROC curves the task shows (the positive
+        class; multi-label: every finding, in one figure)."""
         if self.writer is None:
             return
-        if labels.ndim == 2:
-            self.finding_rocs(labels, probs, classes, step)
-            return
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ConfusionMatrixDisplay(np.array(confusion), display_labels=classes).plot(ax=ax, colorbar=False)
-        ax.set_title("test confusion matrix")
-        self.writer.add_figure("test/confusion_matrix", fig, step)  # add_figure closes the figure
-        if probs.shape[1] == 2 and len(np.unique(labels)) == 2:
+        if not task.multilabel:
             fig, ax = plt.subplots(figsize=(4, 4))
-            RocCurveDisplay.from_predictions(labels == positive, probs[:, positive], ax=ax,
-                                             name=classes[positive])
-            ax.set_title("test ROC")
+            ConfusionMatrixDisplay(np.array(confusion), display_labels=task.classes).plot(ax=ax, colorbar=False)
+            ax.set_title("test confusion matrix")
+            self.writer.add_figure("test/confusion_matrix", fig, step)  # add_figure closes the figure
+        curves = task.roc_curves(labels, probs)
+        if curves:
+            fig, ax = plt.subplots(figsize=(5, 5) if task.multilabel else (4, 4))
+            for name, truth, score in curves:
+                RocCurveDisplay.from_predictions(truth, score, ax=ax, name=name)
+            ax.set_title("test ROC per finding" if task.multilabel else "test ROC")
             self.writer.add_figure("test/roc", fig, step)
 
-    def finding_rocs(self, labels: np.ndarray, probs: np.ndarray, findings: list[str], step: int) -> None:
-        """Multi-label: the test ROC curve of each finding (its known entries), in one figure."""
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for k, name in enumerate(findings):
-            known = labels[:, k] >= 0
-            if len(np.unique(labels[known, k])) == 2:
-                RocCurveDisplay.from_predictions(labels[known, k] == 1, probs[known, k], ax=ax, name=name)
-        ax.set_title("test ROC per finding")
-        self.writer.add_figure("test/roc", fig, step)
-
     def gradcam(self, model, images: torch.Tensor, labels: np.ndarray, probs: np.ndarray,
-                classes: list[str], positive: int, step: int, per_class: int = 4) -> None:
+                task: Task, step: int, per_class: int = 4) -> None:
         """Grad-CAM on the first few test images of each class, one row each, for the positive
         class; multi-label: one row per finding, its positive images, for that finding.
 
@@ -138,17 +129,13 @@ class RunBoard:
         """
         if self.writer is None:
             return
-        multilabel = labels.ndim == 2
-        rows = [(k, np.flatnonzero(labels[:, k] == 1 if multilabel else labels == k)[:per_class])
-                for k in range(len(classes))]
-        fig, axes = plt.subplots(len(classes), per_class, squeeze=False,
-                                 figsize=(2.2 * per_class, 2.4 * len(classes)))
+        rows, classes = task.explained_rows(labels, per_class), task.classes
+        fig, axes = plt.subplots(len(rows), per_class, squeeze=False, figsize=(2.2 * per_class, 2.4 * len(rows)))
         for ax in axes.flat:
             ax.axis("off")
-        for row, indices in rows:
+        for row, indices, target in rows:
             if len(indices) == 0:  # a finding without positive test images: its row stays empty
                 continue
-            target = row if multilabel else positive
             try:
                 cams, _ = grad_cam(model, preprocess(images[indices], channels_last=False), target)
             except GradCamUnavailable as reason:
@@ -157,8 +144,8 @@ class RunBoard:
                 return
             for col, (i, cam) in enumerate(zip(indices, cams, strict=True)):
                 axes[row, col].imshow(overlay(images[i, 0].cpu().numpy(), cam))
-                shown = f"{classes[row]}+" if multilabel else classes[labels[i]]
-                axes[row, col].set_title(f"{shown}  P({classes[target]})={probs[i, target]:.2f}", fontsize=7)
+                shown = f"{task.row_title(row, labels[i])}  P({classes[target]})={probs[i, target]:.2f}"
+                axes[row, col].set_title(shown, fontsize=7)
         fig.tight_layout()
         self.writer.add_figure("test/gradcam", fig, step)
 

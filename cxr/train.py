@@ -27,21 +27,12 @@ from cxr import results
 from cxr.batches import epoch_augment
 from cxr.checkpoint import BEST, LAST, CheckpointError, Checkpoints
 from cxr.config import CONF_DIR, ConfigError, effective, register_configs, validate
-from cxr.data import DataError, load_dataset, positive_index
+from cxr.data import DataError, load_dataset
 from cxr.engine import NonFiniteLossError, TrainingState, evaluate
-from cxr.metrics import (
-    bootstrap_intervals,
-    choose_threshold,
-    classification_metrics,
-    collapse_warnings,
-    decide,
-    is_per_finding,
-    majority_rate,
-    scalar_metrics,
-)
 from cxr.model import WeightsError
 from cxr.runtime import DeviceError, Runtime, StopSignals, cpu_threads, device_name, start, sweep_job_device
 from cxr.schedule import scheduled_lr
+from cxr.task import Task
 from cxr.tensorboard import RunBoard, hparams_of
 from cxr.training import Training, build_training
 
@@ -79,32 +70,33 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     record["data"].update(results.data_summary(dataset))
     splits = [split.to(runtime.device) for split in (dataset.train, dataset.val, dataset.test)]
 
-    training = build_training(cfg, splits, dataset.classes, runtime)
+    task = dataset.task
+    training = build_training(cfg, splits, task, runtime)
     model, view, scheduler = training.model, training.view, training.scheduler
-    checkpoints = Checkpoints(output_dir, model, training.optimizer, scheduler, runtime, cfg, dataset.classes)
+    checkpoints = Checkpoints(output_dir, model, training.optimizer, scheduler, runtime, cfg, task)
 
     state = resume_or_start(checkpoints, cfg)
     board = RunBoard(output_dir, state.epoch + 1, runtime.is_main)
     if state.epoch == 0 and cfg.trainer.tensorboard_images:  # as epoch 1 sees them, augmented
         augment = epoch_augment(cfg.data.augment, cfg.data.hflip, cfg.seed, 1, runtime.device)
-        board.input_grid(splits[0].images[:32], dataset.classes, splits[0].labels[:32], augment)
+        board.input_grid(splits[0].images[:32], task, splits[0].labels[:32], augment)
     if state.epoch > 0:  # resuming purged the events from step epoch+1 on: the earlier steps' lrs too
         earlier_steps = range(state.epoch, state.epoch * training.epoch_steps)
         board.learning_rates([scheduled_lr(scheduler, i) for i in earlier_steps], first_step=state.epoch + 1)
     trained = runtime.wrap(view.module, cfg.trainer.compile)
     with cpu_threads(view.cpu_threads, runtime.device):
-        fit(trained, training, checkpoints, state, board, cfg, runtime, dataset.classes)
+        fit(trained, training, checkpoints, state, board, cfg, runtime)
         threshold = checkpoints.load_best()
         test_loss, probs, labels = evaluate(trained, view.eval_inputs(view.test, cfg.trainer.eval_batch_size,
                                                                       runtime.rank, runtime.world),
-                                            device=runtime.device, amp_dtype=runtime.amp_dtype)
-    complete(record, state, threshold, test_loss, probs, labels, dataset.classes, cfg)
+                                            task, device=runtime.device, amp_dtype=runtime.amp_dtype)
+    complete(record, state, threshold, test_loss, probs, labels, task, cfg)
     if runtime.is_main:  # per image, for analyses the summary metrics cannot answer
-        write_test_predictions(output_dir, dataset.test.paths, probs, labels, threshold, dataset.classes)
+        write_test_predictions(output_dir, dataset.test.paths, probs, labels, threshold, task)
     record["time"] = {"train_ms": round(state.train_ms), "total_ms": round((time.perf_counter() - started) * 1000)}
     record["peak_gpu_memory_mb"] = runtime.peak_memory_mb()
     if runtime.is_main:
-        report(record, board, model, splits[2], probs, labels, dataset.classes, cfg, output_dir)
+        report(record, board, model, splits[2], probs, labels, task, cfg, output_dir)
         if not cfg.trainer.keep_last:  # a finished run needs best.pt only, unless it is to be extended
             checkpoints.remove_last()
     return record
@@ -123,10 +115,10 @@ def resume_or_start(checkpoints: Checkpoints, cfg) -> TrainingState:
 
 
 def fit(module, training: Training, checkpoints: Checkpoints, state: TrainingState, board: RunBoard, cfg,
-        runtime: Runtime, classes: list[str]) -> None:
+        runtime: Runtime) -> None:
     """Epochs state.epoch+1 .. trainer.epochs: train, validate, keep last.pt and the best epoch;
     with trainer.patience, stop once trainer.monitor has not improved for that many epochs."""
-    trainer, positive, view = cfg.trainer, positive_index(classes), training.view
+    trainer, task, view = cfg.trainer, training.task, training.view
     sign = -1.0 if trainer.monitor == "val/loss" else 1.0
     if state.epoch == 0:  # the state before any training: a run stopped in epoch 1 resumes from here
         checkpoints.save_last(state)
@@ -141,11 +133,10 @@ def fit(module, training: Training, checkpoints: Checkpoints, state: TrainingSta
             lrs = train.pop("lrs")
             board.learning_rates(lrs, first_step=training.scheduler.last_epoch - len(lrs) + 1)
             val_loss, val_probs, val_labels = evaluate(
-                module, view.eval_inputs(view.val, trainer.eval_batch_size, runtime.rank, runtime.world),
+                module, view.eval_inputs(view.val, trainer.eval_batch_size, runtime.rank, runtime.world), task,
                 device=runtime.device, amp_dtype=runtime.amp_dtype)
-            threshold = choose_threshold(trainer.threshold, val_labels, val_probs, positive)
-            row = results.epoch_row(epoch, train, val_loss,
-                                    classification_metrics(val_labels, val_probs, threshold, positive, classes))
+            threshold = task.choose_threshold(trainer.threshold, val_labels, val_probs)
+            row = results.epoch_row(epoch, train, val_loss, task.metrics(val_labels, val_probs, threshold))
             improved = state.advance(row, sign * row[trainer.monitor], threshold,
                                      (time.perf_counter() - epoch_start) * 1000)
             log.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %.3f%s",
@@ -175,45 +166,41 @@ def raise_if_stopped(stop: StopSignals, state: TrainingState, checkpoints: Check
 
 
 def complete(record: dict, state: TrainingState, threshold: float, test_loss: float, probs: np.ndarray,
-             labels: np.ndarray, classes: list[str], cfg) -> None:
+             labels: np.ndarray, task: Task, cfg) -> None:
     """The record of a finished run: the best epoch's train/val metrics, the test split's once."""
-    positive = positive_index(classes)
-    test_metrics = classification_metrics(labels, probs, threshold, positive, classes)
-    reference = [0.5] * len(classes) if is_per_finding(threshold) else 0.5
     best_row = state.history[state.best_epoch - 1]
-    warnings = collapse_warnings(labels, probs, threshold, positive, classes)
+    warnings = task.warnings(labels, probs, threshold)
     for warning in warnings:
         log.warning("%s: the model has not learned to tell the classes apart", warning)
     record.update(
         status=results.OK, best_epoch=state.best_epoch, stopped_epoch=state.stopped_epoch, threshold=threshold,
         metrics={**{k: v for k, v in best_row.items() if k != "epoch"},
-                 **results.split_metrics("test", test_loss, test_metrics),
-                 **results.at_reference_threshold(scalar_metrics(labels, probs, reference, positive, classes))},
-        confusion=test_metrics["confusion"], majority_rate=majority_rate(labels), warnings=warnings,
-        intervals={f"test/{k}": v for k, v in bootstrap_intervals(
-            labels, probs, threshold, positive, cfg.trainer.bootstrap, seed=0, findings=classes).items()},
+                 **results.split_metrics("test", test_loss, task.metrics(labels, probs, threshold)),
+                 **results.at_reference_threshold(task.metrics(labels, probs, task.reference_threshold))},
+        confusion=task.confusion(labels, probs, threshold), majority_rate=task.majority_rate(labels),
+        warnings=warnings, intervals={f"test/{k}": v for k, v in task.intervals(
+            labels, probs, threshold, cfg.trainer.bootstrap, seed=0).items()},
         history=state.history, hparams=hparams_of(cfg))
 
 
 def write_test_predictions(output_dir: Path, paths: list[str], probs: np.ndarray, labels: np.ndarray,
-                           threshold: float, classes: list[str]) -> None:
-    decisions = decide(probs, threshold, positive_index(classes))
-    rows = [results.prediction_row(path, p, results.decision_label(d, classes), classes,
-                                   truth=results.decision_label(y, classes))
+                           threshold: float, task: Task) -> None:
+    decisions = task.decide(probs, threshold)
+    rows = [results.prediction_row(path, p, task.label_name(d), task.classes, truth=task.label_name(y))
             for path, p, d, y in zip(paths, probs, decisions, labels, strict=True)]
-    results.write_predictions(rows, classes, output_dir / results.PREDICTIONS_FILE)
+    results.write_predictions(rows, task.classes, output_dir / results.PREDICTIONS_FILE)
 
 
 def report(record: dict, board: RunBoard, model, test_split, probs: np.ndarray, labels: np.ndarray,
-           classes: list[str], cfg, output_dir: Path) -> None:
+           task: Task, cfg, output_dir: Path) -> None:
     """TensorBoard's test scalars, HParams and figures, result.json, and the closing log line."""
-    metrics, positive = record["metrics"], positive_index(classes)
+    metrics = record["metrics"]
     step = cfg.trainer.epochs
     board.test(metrics, step)
     board.hparams(record["hparams"], metrics)
     if cfg.trainer.tensorboard_images:
-        board.test_figures(labels, probs, record["confusion"], classes, positive, step)
-        board.gradcam(model, test_split.images, labels, probs, classes, positive, step)
+        board.test_figures(labels, probs, record["confusion"], task, step)
+        board.gradcam(model, test_split.images, labels, probs, task, step)
     board.close()
     record["checkpoint"] = str(output_dir / BEST)
     results.write(output_dir, record)
@@ -222,7 +209,7 @@ def report(record: dict, board: RunBoard, model, test_split, probs: np.ndarray, 
              "specificity %.4f  [best epoch %d, threshold %s]  %s", metrics["test/acc"], record["majority_rate"],
              metrics["test/balanced_acc"], metrics["test/auroc"], metrics["test/sensitivity"],
              metrics["test/specificity"], record["best_epoch"],
-             " ".join(f"{t:.3f}" for t in threshold) if is_per_finding(threshold) else f"{threshold:.3f}", output_dir)
+             task.format_threshold(threshold), output_dir)
 
 
 def used_run_dir(output_dir: Path) -> str | None:

@@ -68,7 +68,7 @@ def test_frozen_run_computes_features_once_and_reuses_them(frozen_cfg, tmp_path,
     best_pt = tmp_path / "first" / "best.pt"
     assert not any(k.startswith("backbone.") for k in torch.load(best_pt, weights_only=True)["model"])
     assert best_pt.stat().st_size < 2_000_000
-    model, _ = load_classifier(best_pt, torch.device("cpu"))
+    model, _, _ = load_classifier(best_pt, torch.device("cpu"))
     assert weights_digest(model.backbone) == weights_digest(
         build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed).backbone)
 

@@ -22,13 +22,7 @@ from cxr.batches import eval_batches, preprocess
 from cxr.checkpoint import load_classifier
 from cxr.data import load_dataset
 from cxr.engine import evaluate
-from cxr.metrics import (
-    bootstrap_intervals,
-    choose_threshold,
-    classification_metrics,
-    majority_rate,
-    scalar_metrics,
-)
+from cxr.task import Task
 
 # ten images, 0 = NORMAL, 1 = PNEUMONIA, and P(PNEUMONIA)
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
@@ -42,6 +36,16 @@ PROBS3 = np.array([
     [0.3, 0.3, 0.4], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3],
     [0.3, 0.1, 0.6], [0.2, 0.2, 0.6],
 ])
+
+
+# the positive class is PNEUMONIA wherever it sits among the classes
+TASKS = {1: Task.of(["NORMAL", "PNEUMONIA"], multilabel=False), 0: Task.of(["PNEUMONIA", "NORMAL"], multilabel=False)}
+TASK3 = Task.of(["BACTERIA", "NORMAL", "VIRUS"], multilabel=False)
+
+
+def classification_metrics(labels, probs, threshold, task=TASKS[1]) -> dict:
+    """The task's scalar metrics and its confusion matrix."""
+    return {**task.metrics(labels, probs, threshold), "confusion": task.confusion(labels, probs, threshold)}
 
 
 def sklearn_binary(labels, probs, threshold, positive):
@@ -69,20 +73,21 @@ def test_binary_metrics_match_sklearn(threshold, positive):
     labels = LABELS if positive == 1 else 1 - LABELS
     probs = BINARY if positive == 1 else BINARY[:, ::-1]
     preds, reference = sklearn_binary(labels, probs, threshold, positive)
-    ours = classification_metrics(labels, probs, threshold, positive)
+    ours = classification_metrics(labels, probs, threshold, TASKS[positive])
     assert_same(ours, reference)
     assert ours["confusion"] == confusion_matrix(labels, preds, labels=[0, 1]).tolist()
 
 
 def test_threshold_changes_the_decisions():
     # 0.5: three mistakes (0.55 for a NORMAL, 0.35 and 0.45 for PNEUMONIA); 0.3 rescues both
-    assert classification_metrics(LABELS, BINARY, 0.5, 1)["acc"] == pytest.approx(0.7)
-    assert classification_metrics(LABELS, BINARY, 0.3, 1)["sensitivity"] == 1.0
+    assert classification_metrics(LABELS, BINARY, 0.5)["acc"] == pytest.approx(0.7)
+    assert classification_metrics(LABELS, BINARY, 0.3)["sensitivity"] == 1.0
 
 
 def test_three_class_metrics_are_sklearn_macro_averages():
     preds = PROBS3.argmax(axis=1)
-    ours = classification_metrics(LABELS3, PROBS3, 0.5, 2)
+    assert TASK3.kind == "multiclass" and TASK3.positive == 2
+    ours = classification_metrics(LABELS3, PROBS3, 0.5, TASK3)
     # specificity of class k: the recall of "not k" when k is taken against the rest
     specificity = np.mean([recall_score(LABELS3 != k, preds != k) for k in range(3)])
     assert_same(ours, {
@@ -102,10 +107,10 @@ def test_degenerate_all_one_class_prediction(answer):
     """A collapsed model: every image gets the same answer."""
     probs = np.tile([1.0 - answer, float(answer)], (len(LABELS), 1))
     _, reference = sklearn_binary(LABELS, probs, 0.5, 1)
-    ours = classification_metrics(LABELS, probs, 0.5, 1)
+    ours = classification_metrics(LABELS, probs, 0.5)
     assert_same(ours, reference)
     assert ours["auroc"] == 0.5  # one score for everything ranks nothing
-    pneumonia_rate = majority_rate(LABELS)
+    pneumonia_rate = TASKS[1].majority_rate(LABELS)
     assert ours["acc"] == pytest.approx(pneumonia_rate if answer == 1 else 1 - pneumonia_rate)
     assert ours["sensitivity"] == answer and ours["specificity"] == 1 - answer
     # never answering PNEUMONIA leaves precision undefined: NaN, not a made-up 0
@@ -114,7 +119,7 @@ def test_degenerate_all_one_class_prediction(answer):
 
 def test_one_class_labels_give_nan_auroc_written_as_null(tmp_path):
     labels = np.ones(len(LABELS), dtype=int)
-    metrics = classification_metrics(labels, BINARY, 0.5, 1)
+    metrics = classification_metrics(labels, BINARY, 0.5)
     assert math.isnan(metrics["auroc"]) and math.isnan(metrics["specificity"])
     assert metrics["sensitivity"] == recall_score(labels, BINARY.argmax(1))
     results.write(tmp_path, {"metrics": metrics})
@@ -128,19 +133,20 @@ def test_bootstrap_intervals_hold_the_estimate_and_repeat_with_the_seed():
     labels = (rng.random(200) < 0.6).astype(int)
     p = np.clip(0.35 * labels + 0.65 * rng.random(200), 0, 1)
     probs = np.stack([1 - p, p], axis=1)
-    point = scalar_metrics(labels, probs, 0.5, 1)
-    intervals = bootstrap_intervals(labels, probs, 0.5, 1, resamples=200, seed=0)
+    task = TASKS[1]
+    point = task.metrics(labels, probs, 0.5)
+    intervals = task.intervals(labels, probs, 0.5, resamples=200, seed=0)
     assert set(intervals) == set(point)
     for name, (low, high) in intervals.items():
         assert low <= point[name] <= high, name
         assert high - low > 0.01, name  # a real spread, not a copy of the estimate
-    assert bootstrap_intervals(labels, probs, 0.5, 1, resamples=200, seed=0) == intervals
-    assert bootstrap_intervals(labels, probs, 0.5, 1, resamples=200, seed=1) != intervals
-    assert bootstrap_intervals(labels, probs, 0.5, 1, resamples=0) == {}
+    assert task.intervals(labels, probs, 0.5, resamples=200, seed=0) == intervals
+    assert task.intervals(labels, probs, 0.5, resamples=200, seed=1) != intervals
+    assert task.intervals(labels, probs, 0.5, resamples=0) == {}
 
 
 def test_three_class_bootstrap_has_macro_intervals():
-    intervals = bootstrap_intervals(LABELS3, PROBS3, 0.5, 2, resamples=50)
+    intervals = TASK3.intervals(LABELS3, PROBS3, 0.5, resamples=50)
     assert {"acc", "sensitivity", "specificity", "f1"} <= set(intervals)
 
 
@@ -149,10 +155,10 @@ def test_youden_threshold_maximises_j_on_the_given_labels():
     p = np.array([0.1, 0.2, 0.3, 0.7, 0.6, 0.8, 0.9])
     probs = np.stack([1 - p, p], axis=1)
     # >= 0.6 catches every positive at one false positive in four (J = 3/4); no other cut does
-    assert choose_threshold("youden", labels, probs, 1) == pytest.approx(0.6)
-    assert choose_threshold("0.5", labels, probs, 1) == 0.5
-    assert choose_threshold("0.3", labels, probs, 1) == 0.3
-    assert choose_threshold("youden", np.ones(7, dtype=int), probs, 1) == 0.5
+    assert TASKS[1].choose_threshold("youden", labels, probs) == pytest.approx(0.6)
+    assert TASKS[1].choose_threshold("0.5", labels, probs) == 0.5
+    assert TASKS[1].choose_threshold("0.3", labels, probs) == 0.3
+    assert TASKS[1].choose_threshold("youden", np.ones(7, dtype=int), probs) == 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +197,11 @@ def test_threshold_comes_from_validation_and_is_applied_to_test_unchanged(
     # best.pt's threshold, applied to best.pt's test probabilities, gives the reported metrics
     cfg = make_cfg("debug=smoke", "data.limit=32")
     dataset = load_dataset(cfg.data)
-    model, _ = load_classifier(tmp_path / "honest" / "best.pt", torch.device("cpu"))
+    model, task, _ = load_classifier(tmp_path / "honest" / "best.pt", torch.device("cpu"))
+    assert task == dataset.task
     batches = ((preprocess(x, False), y) for x, y in eval_batches(dataset.test, 64))
-    _, probs, labels = evaluate(model, batches, device=torch.device("cpu"))
-    recomputed = classification_metrics(labels, probs, threshold, dataset.positive_index)
+    _, probs, labels = evaluate(model, batches, task, device=torch.device("cpu"))
+    recomputed = classification_metrics(labels, probs, threshold, task)
     for name in ("acc", "sensitivity", "specificity", "auroc"):
         assert recomputed[name] == pytest.approx(honest["metrics"][f"test/{name}"]), name
     assert recomputed["confusion"] == honest["confusion"]

@@ -17,9 +17,8 @@ from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cxr.data import DataError, load_dataset
-from cxr.engine import balanced_pos_weight, loss_of
-from cxr.metrics import choose_threshold, scalar_metrics
 from cxr.predict import main as predict_main
+from cxr.task import Task
 from cxr.train import run, run_safely
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +123,7 @@ def test_chexpert_uncertainty_and_blank_policies_give_the_documented_label_count
         cells = np.array([[value[c] for c in row] for row in chexpert_cells(chexpert_root, table, True)])
         expected = np.stack([(cells == 1).sum(0), (cells == 0).sum(0), (cells == -1).sum(0)], 1)
         np.testing.assert_array_equal(counts(dataset, splits), expected)
-    assert dataset.multilabel and dataset.classes == list(CHEXPERT_FINDINGS)
+    assert dataset.task.multilabel and dataset.classes == list(CHEXPERT_FINDINGS)
 
 
 def test_chexpert_views_all_keeps_the_lateral_images(make_cfg, chexpert_root):
@@ -167,36 +166,38 @@ def test_masked_bce_matches_torch_on_the_known_entries_and_pos_weight_counts_the
     labels = torch.tensor([[1, 0, -1], [0, -1, 1], [-1, 1, 0]])
     known = labels >= 0
     expected = F.binary_cross_entropy_with_logits(logits[known], labels[known].float())
-    assert torch.isclose(loss_of(logits, labels), expected)
+    task = Task.of(FINDINGS, multilabel=True)
+    assert torch.isclose(task.loss(logits, labels), expected)
     # known per finding: (1 positive, 2 negatives), (1, 1), (1, 1)
     labels2 = torch.tensor([[1, 0, -1], [0, -1, 1], [0, 1, 0]])
-    weight = balanced_pos_weight(labels2)
+    weight = task.pos_weight(labels2, "balanced")
     np.testing.assert_allclose(weight.numpy(), [2.0, 1.0, 1.0])
     known2 = labels2 >= 0
     weighted = F.binary_cross_entropy_with_logits(logits[known2], labels2[known2].float(),
                                                   pos_weight=weight.expand_as(logits)[known2])
-    assert torch.isclose(loss_of(logits, labels2, weight), weighted)
+    assert torch.isclose(task.loss(logits, labels2, weight), weighted)
 
 
 def test_per_finding_auroc_and_mean_match_scikit_learn_and_unknowns_are_left_out():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, (200, 3))
     probs = np.clip(labels * 0.3 + rng.random((200, 3)) * 0.7, 0, 1)
-    metrics = scalar_metrics(labels, probs, [0.5, 0.5, 0.5], 0, list(FINDINGS))
+    task = Task.of(FINDINGS, multilabel=True)
+    metrics = task.metrics(labels, probs, [0.5, 0.5, 0.5])
     per_finding = roc_auc_score(labels, probs, average=None)
     for name, value in zip(FINDINGS, per_finding, strict=True):
         assert metrics[f"auroc/{name}"] == pytest.approx(value)
     assert metrics["auroc"] == pytest.approx(roc_auc_score(labels, probs, average="macro"))
     masked = labels.copy()
     masked[:50, 1] = -1
-    assert scalar_metrics(masked, probs, [0.5] * 3, 0, list(FINDINGS))["auroc/Nodule"] == pytest.approx(
+    assert task.metrics(masked, probs, [0.5] * 3)["auroc/Nodule"] == pytest.approx(
         roc_auc_score(labels[50:, 1], probs[50:, 1]))
     absent = labels.copy()
     absent[:, 2] = 0
-    result = scalar_metrics(absent, probs, [0.5] * 3, 0, list(FINDINGS))
+    result = task.metrics(absent, probs, [0.5] * 3)
     assert math.isnan(result["auroc/Pneumonia"])
     assert result["auroc"] == pytest.approx(roc_auc_score(labels[:, :2], probs[:, :2], average="macro"))
-    thresholds = choose_threshold("youden", masked, probs, 0)
+    thresholds = task.choose_threshold("youden", masked, probs)
     assert len(thresholds) == 3 and all(0 < t <= 1 for t in thresholds)
 
 
@@ -295,7 +296,7 @@ def test_any_csv_with_findings_gives_the_nih_layouts_dataset(make_cfg, nih_root,
     generic = load_dataset(make_cfg("data=csv", f"data.csv={table}", f"data.root={nih_root}", "data.image_size=32",
                                     "data.path_column=File", "data.patient_column=Patient", "data.split_column=Split",
                                     *labelling).data)
-    assert generic.multilabel and generic.classes == nih.classes
+    assert generic.task == nih.task and generic.task.multilabel
     for name in ("train", "val", "test"):
         ours, theirs = getattr(generic, name), getattr(nih, name)
         assert ours.paths == theirs.paths

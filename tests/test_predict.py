@@ -104,9 +104,9 @@ def test_predict_reproduces_the_test_metrics_from_the_checkpoint_alone(trained):
     """Same decoding, normalisation and threshold as training: the test confusion matrix again."""
     _, result, cfg = trained
     test = load_dataset(cfg.data).test
-    model, settings = load_classifier(result["checkpoint"], torch.device("cpu"))
+    model, task, settings = load_classifier(result["checkpoint"], torch.device("cpu"))
     files = [Path(p) for p in test.paths]
-    rows = classify(model, settings, files, torch.device("cpu"), batch_size=16)
+    rows = classify(model, task, settings, files, torch.device("cpu"), batch_size=16)
     predicted = [CLASSES.index(row["label"]) for row in rows]
     confusion = np.zeros((2, 2), dtype=int)
     np.add.at(confusion, (test.labels.numpy(), predicted), 1)

@@ -14,6 +14,7 @@ from cxr.checkpoint import load_checkpoint, load_classifier
 from cxr.engine import train_one_epoch
 from cxr.model import build_model, weights_digest
 from cxr.schedule import lr_factor
+from cxr.task import Task
 from cxr.train import run
 
 # resnet18 trained whole, augmented, on a warmup + cosine schedule: 64 training images in
@@ -106,7 +107,7 @@ def test_backbone_lr_scale_zero_trains_only_the_head(make_cfg, tmp_path):
     run(cfg, tmp_path)
     result = read_result(tmp_path)
     assert result["model"]["freeze_backbone"] is True  # the frozen path, as the config states
-    trained, _ = load_classifier(tmp_path / "best.pt", torch.device("cpu"))
+    trained, _, _ = load_classifier(tmp_path / "best.pt", torch.device("cpu"))
     untouched = build_model(cfg.model, 32, 2, init_seed=cfg.seed)
     assert weights_digest(trained.backbone) == weights_digest(untouched.backbone)
     assert not torch.equal(trained.head[0].weight, untouched.head[0].weight)
@@ -116,7 +117,8 @@ def sgd_after_one_epoch(batches, accumulate_steps: int) -> nn.Linear:
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    train_one_epoch(model, optimizer, batches, device=torch.device("cpu"), epoch=1, total=len(batches),
+    train_one_epoch(model, optimizer, batches, Task.of(["NORMAL", "PNEUMONIA"], multilabel=False),
+                    device=torch.device("cpu"), epoch=1, total=len(batches),
                     progress=False, accumulate_steps=accumulate_steps)
     return model
 

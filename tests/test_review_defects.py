@@ -20,8 +20,8 @@ from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 from cxr import aggregate, features
 from cxr.data import list_files, load_dataset, patient_id, resolve_root, split_by_patient
 from cxr.files import atomic_write
-from cxr.metrics import bootstrap_intervals
 from cxr.model import build_model, weights_digest
+from cxr.task import Task
 from cxr.train import run, run_safely
 from tests.conftest import REPO
 
@@ -127,7 +127,8 @@ def test_defect7_bootstrap_does_not_drop_undefined_resamples_silently():
     # resample that draws the second positive twice calls nothing positive: precision undefined.
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
     p_pos = np.array([0.1, 0.2, 0.3, 0.1, 0.4, 0.2, 0.9, 0.2])
-    intervals = bootstrap_intervals(labels, np.stack([1 - p_pos, p_pos], 1), 0.5, 1, resamples=500)
+    task = Task.of(["NORMAL", "PNEUMONIA"], multilabel=False)
+    intervals = task.intervals(labels, np.stack([1 - p_pos, p_pos], 1), 0.5, resamples=500)
     assert intervals["precision"] is None  # not [1, 1] from the resamples where it was defined
     # resampling within each class keeps both classes in every resample: AUROC is always defined
     assert intervals["auroc"] is not None and intervals["specificity"] == [1.0, 1.0]

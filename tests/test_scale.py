@@ -214,8 +214,8 @@ def test_defect5_torchrun_predicts_each_image_once_and_keeps_every_ranks_rng(tmp
 
     with (run_dir / "test_predictions.csv").open() as f:
         distributed = list(csv.DictReader(f))
-    model, settings = load_classifier(run_dir / "best.pt", torch.device("cpu"))
-    single = classify(model, settings, [Path(row["path"]) for row in distributed], torch.device("cpu"))
+    model, task, settings = load_classifier(run_dir / "best.pt", torch.device("cpu"))
+    single = classify(model, task, settings, [Path(row["path"]) for row in distributed], torch.device("cpu"))
     assert [row["path"] for row in distributed] == [row["path"] for row in single]
     assert len({row["path"] for row in distributed}) == 63
     for ours, theirs in zip(distributed, single, strict=True):

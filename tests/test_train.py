@@ -66,7 +66,7 @@ def test_checkpoints_load_with_weights_only(smoke_run):
     out, result = smoke_run
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["epoch"] == result["best_epoch"]
-    assert best["classes"] == ["NORMAL", "PNEUMONIA"]
+    assert best["task"] == {"kind": "binary", "classes": ["NORMAL", "PNEUMONIA"]}
     # a run that ended ok needs best.pt only: last.pt (weights + optimizer state) is removed
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt"]
 

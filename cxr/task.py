@@ -1,0 +1,249 @@
+"""What differs between a binary, a multi-class and a multi-label run, in one place.
+
+A `Task` is made once from the dataset (its classes, and whether a label is one class or one value
+per finding), stored in best.pt, and asked by everything else: training (output units, the loss,
+what counts as right), evaluation (probabilities from logits, applied exactly once), decisions (one
+threshold, or one per finding), the metric set and the bootstrap's strata, the prediction CSV's
+columns, the TensorBoard figure rows and the Grad-CAM target. Like torchmetrics' `task=` switch,
+the kinds are named, not inferred at each use:
+
+    binary      two classes, softmax over them; decisions by a threshold on P(positive class)
+    multiclass  more classes, softmax; argmax decisions; macro-averaged metrics
+    multilabel  one sigmoid per finding; labels (N, K) of 1 present, 0 absent, -1 unknown (masked
+                out of the loss and every metric); a threshold per finding
+
+The positive class (sensitivity, AUROC, Grad-CAM) is PNEUMONIA when present, else the last class.
+The numbers themselves are computed in cxr.metrics (scikit-learn); this module picks which.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cxr import metrics
+
+KINDS = ("binary", "multiclass", "multilabel")
+POSITIVE_CLASS = "PNEUMONIA"
+UNKNOWN = -1  # a multi-label value that is not known (CheXpert's uncertain or blank)
+NO_FINDING = "No Finding"  # the label of an image with no finding called (NIH's and CheXpert's name)
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    classes: tuple[str, ...]  # class names, or (multilabel) the findings, in output order
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"task kind must be one of {'|'.join(KINDS)}, got {self.kind}")
+
+    @classmethod
+    def of(cls, classes: Sequence[str], multilabel: bool) -> "Task":
+        """The task of a dataset with these classes (or findings)."""
+        kind = "multilabel" if multilabel else "binary" if len(classes) == 2 else "multiclass"
+        return cls(kind, tuple(classes))
+
+    @classmethod
+    def of_labels(cls, classes: Sequence[str], labels) -> "Task":
+        """From a label array: (N,) class indices, or (N, K) values per finding."""
+        return cls.of(classes, multilabel=np.ndim(labels) == 2)
+
+    @classmethod
+    def of_item(cls, classes: Sequence[str], label) -> "Task":
+        """From one listed item's label: a class index, or a tuple of values per finding."""
+        return cls.of(classes, multilabel=isinstance(label, tuple))
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Task":
+        return cls(state["kind"], tuple(state["classes"]))
+
+    def state(self) -> dict:
+        """What checkpoints and result.json store: rebuilt by `from_state`."""
+        return {"kind": self.kind, "classes": list(self.classes)}
+
+    @property
+    def multilabel(self) -> bool:
+        return self.kind == "multilabel"
+
+    @property
+    def outputs(self) -> int:
+        """Units of the network's output layer."""
+        return len(self.classes)
+
+    @property
+    def positive(self) -> int:
+        """The class Grad-CAM explains by default, whose sensitivity a binary run reports: PNEUMONIA
+        when present, else the last class (multi-label: the first finding)."""
+        if self.multilabel:
+            return 0
+        return self.classes.index(POSITIVE_CLASS) if POSITIVE_CLASS in self.classes else len(self.classes) - 1
+
+    # -----------------------------------------------------------------------------------------
+    # Training: torch tensors on the device
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of class indices; multi-label: binary cross-entropy per finding (positives
+        weighted by pos_weight) averaged over the known entries only, so an unknown label neither
+        rewards nor punishes any output."""
+        if not self.multilabel:
+            return F.cross_entropy(logits.float(), labels)
+        known = labels >= 0
+        losses = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
+                                                    pos_weight=pos_weight, reduction="none")
+        return (losses * known).sum() / known.sum().clamp(min=1)
+
+    def pos_weight(self, labels: torch.Tensor, rule: str) -> torch.Tensor | None:
+        """trainer.pos_weight=balanced (multi-label): each finding's positives weighted by its
+        negatives / positives among the known training labels (1 where a finding has no
+        positives); None otherwise."""
+        if rule != "balanced" or not self.multilabel:
+            return None
+        positives, negatives = (labels == 1).sum(0).float(), (labels == 0).sum(0).float()
+        return torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones_like(positives))
+
+    def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """Right answers and how many were counted: images (argmax), or known (image, finding)
+        entries called at probability >= 0.5 (multi-label), as `decide` calls them."""
+        if not self.multilabel:
+            return (logits.argmax(1) == labels).sum(), labels.shape[0]
+        known = labels >= 0
+        return (((logits >= 0) == (labels == 1)) & known).sum(), known.sum()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes, or one independent sigmoid per finding, in float32."""
+        return torch.sigmoid(logits.float()) if self.multilabel else torch.softmax(logits.float(), dim=1)
+
+    # -----------------------------------------------------------------------------------------
+    # Decisions and metrics: numpy arrays, probabilities (N, C) and labels (N,) or (N, K)
+
+    def mean_loss(self, probs: np.ndarray, labels: np.ndarray) -> float:
+        """Cross-entropy of the true classes; multi-label: binary cross-entropy over the known
+        entries (unweighted, so validation losses compare across trainer.pos_weight settings)."""
+        if not self.multilabel:
+            picked = probs[np.arange(len(labels)), labels]
+            return float(-np.log(np.clip(picked, 1e-12, 1)).mean()) if len(labels) else math.nan
+        known = labels >= 0
+        if not known.any():
+            return math.nan
+        likelihood = np.where(labels == 1, probs, 1 - probs)
+        return float(-np.log(np.clip(likelihood[known], 1e-12, 1)).mean())
+
+    def choose_threshold(self, rule: str, labels: np.ndarray, probs: np.ndarray) -> float | list[float]:
+        """From validation only: a fixed number, or Youden's J (max TPR - FPR). Multi-class runs
+        decide by argmax and keep the number unused; multi-label: one per finding, from its known
+        entries."""
+        if self.multilabel:
+            known = labels >= 0
+            return [metrics.binary_threshold(rule, labels[known[:, k], k] == 1, probs[known[:, k], k])
+                    for k in range(labels.shape[1])]
+        if self.kind == "multiclass":
+            return 0.5 if rule == "youden" else float(rule)
+        return metrics.binary_threshold(rule, labels == self.positive, probs[:, self.positive])
+
+    @property
+    def reference_threshold(self) -> float | list[float]:
+        """The reference's fixed 0.5 (per finding)."""
+        return [0.5] * len(self.classes) if self.multilabel else 0.5
+
+    def decide(self, probs: np.ndarray, threshold) -> np.ndarray:
+        """Class indices (N,): by the threshold on P(positive) for two classes, argmax for more;
+        multi-label: 1/0 per finding (N, K)."""
+        if self.multilabel:
+            return (probs >= np.asarray(threshold)).astype(np.int64)
+        if self.kind == "binary":
+            return np.where(probs[:, self.positive] >= threshold, self.positive, 1 - self.positive)
+        return probs.argmax(axis=1)
+
+    def metrics(self, labels: np.ndarray, probs: np.ndarray, threshold) -> dict:
+        """acc, balanced_acc, auroc, sensitivity, specificity, precision, f1 (NaN where undefined);
+        multi-label: their macro means and `<metric>/<finding>`."""
+        decisions = self.decide(probs, threshold)
+        if self.multilabel:
+            return metrics.multilabel_metrics(labels, probs, decisions, self.classes)
+        return metrics.single_label_metrics(labels, probs, decisions,
+                                            self.positive if self.kind == "binary" else None)
+
+    def confusion(self, labels: np.ndarray, probs: np.ndarray, threshold) -> list:
+        """Rows: true class, columns: decision; multi-label: one [[tn, fp], [fn, tp]] per finding."""
+        decisions = self.decide(probs, threshold)
+        if self.multilabel:
+            return metrics.finding_tables(labels, decisions)
+        return metrics.confusion(labels, decisions, len(self.classes))
+
+    def strata(self, labels: np.ndarray) -> list[np.ndarray]:
+        """The bootstrap's strata: each class resampled within itself; multi-label images have no
+        one class and are resampled as one group."""
+        if self.multilabel:
+            return [np.arange(len(labels))]
+        return [np.flatnonzero(labels == c) for c in np.unique(labels)]
+
+    def intervals(self, labels: np.ndarray, probs: np.ndarray, threshold, resamples: int, seed: int = 0) -> dict:
+        """95% percentile bootstrap intervals of every scalar metric (cxr.metrics.bootstrap_intervals)."""
+        return metrics.bootstrap_intervals(lambda idx: self.metrics(labels[idx], probs[idx], threshold),
+                                           self.strata(labels), resamples, seed)
+
+    def warnings(self, labels: np.ndarray, probs: np.ndarray, threshold) -> list[str]:
+        """What makes a finished run's result meaningless (constant answers, below the majority rate
+        or, multi-label, a mean AUROC at chance)."""
+        if len(labels) == 0:
+            return []
+        decisions = self.decide(probs, threshold)
+        if self.multilabel:
+            return metrics.multilabel_warnings(labels, probs, decisions)
+        return metrics.single_label_warnings(labels, decisions, self.classes)
+
+    def majority_rate(self, labels: np.ndarray) -> float:
+        """Accuracy of always answering the commonest class (multi-label: each finding's commoner
+        value, over the known entries): the floor any model must beat."""
+        if self.multilabel:
+            return metrics.finding_majority_rate(labels)
+        return metrics.majority_rate(labels)
+
+    def format_threshold(self, threshold) -> str:
+        return " ".join(f"{t:.3f}" for t in threshold) if self.multilabel else f"{threshold:.3f}"
+
+    # -----------------------------------------------------------------------------------------
+    # What people read: labels, prediction rows, figure rows
+
+    def label_name(self, label) -> str:
+        """A class name; multi-label: the findings that are 1, joined by | (No Finding for none)."""
+        if not self.multilabel:
+            return self.classes[int(label)]
+        return "|".join(name for name, value in zip(self.classes, label, strict=True) if value == 1) or NO_FINDING
+
+    def roc_curves(self, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(name, truth, score) of each ROC curve a run shows: the positive class of a binary run,
+        each finding (its known entries) of a multi-label one, where both values occur."""
+        if self.multilabel:
+            curves = [(name, labels[labels[:, k] >= 0, k] == 1, probs[labels[:, k] >= 0, k])
+                      for k, name in enumerate(self.classes)]
+        elif self.kind == "binary":
+            curves = [(self.classes[self.positive], labels == self.positive, probs[:, self.positive])]
+        else:
+            curves = []
+        return [(name, truth, score) for name, truth, score in curves if len(np.unique(truth)) == 2]
+
+    def explained_rows(self, labels: np.ndarray, per_row: int) -> list[tuple[int, np.ndarray, int]]:
+        """Grad-CAM figure rows: (row, the first few images, the output explained). One row per
+        class of its images, explaining the positive class; multi-label: one per finding, of its
+        positive images, explaining that finding."""
+        if self.multilabel:
+            return [(k, np.flatnonzero(labels[:, k] == 1)[:per_row], k) for k in range(len(self.classes))]
+        return [(k, np.flatnonzero(labels == k)[:per_row], self.positive) for k in range(len(self.classes))]
+
+    def row_title(self, row: int, label) -> str:
+        """How a Grad-CAM image's truth is shown: its class, or the row's finding marked present."""
+        return f"{self.classes[row]}+" if self.multilabel else self.classes[int(label)]
+
+    def cam_target(self, name: str | None) -> int:
+        """The output Grad-CAM explains: `name`, else the positive class (multi-label: the first
+        finding). Raises ValueError for a name that is not one of the classes."""
+        if name is None:
+            return self.positive
+        if name not in self.classes:
+            raise ValueError(f"{name} is not one of the classes: {', '.join(self.classes)}")
+        return self.classes.index(name)

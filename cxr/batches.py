@@ -88,7 +88,9 @@ class Strength:
 
 # light: the small shift and zoom cxr always had, a little rotation and exposure change;
 # strong: what radiographs from other machines and positionings differ by
-AUGMENT = {"light": Strength(rotate_degrees=5, shift=0.06, scale=0.08, brightness=0.05, contrast=0.1, gamma=0.15),
+# (none: batches as decoded; config validation reads the names from here too)
+AUGMENT = {"none": None,
+           "light": Strength(rotate_degrees=5, shift=0.06, scale=0.08, brightness=0.05, contrast=0.1, gamma=0.15),
            "strong": Strength(rotate_degrees=10, shift=0.1, scale=0.15, brightness=0.1, contrast=0.25, gamma=0.35)}
 
 
@@ -138,6 +140,6 @@ class Augment:
 def epoch_augment(preset: str, hflip: bool, seed: int, epoch: int, device: torch.device) -> Augment | None:
     """The augmentation of one epoch's training batches (None for preset `none`), seeded by the
     run's seed and the epoch alone."""
-    if preset == "none":
+    if AUGMENT[preset] is None:
         return None
     return Augment(preset, hflip, seed * 100_003 + epoch, device)

@@ -145,7 +145,7 @@ class TrainerConfig:
     accumulate_steps: int = 1
     # stop when trainer.monitor has not improved for this many epochs (null: train every epoch)
     patience: int | None = None
-    monitor: str = "val/auroc"  # metric that picks best.pt; higher is better (val/loss: lower)
+    monitor: str = "val/auroc"  # metric that picks best.pt (cxr.engine.MONITORS)
     threshold: str = "0.5"  # 0.5 (or any number in (0,1)) | youden: chosen on validation
     deterministic: bool = False
     resume: bool = False
@@ -214,13 +214,16 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: Any) -> None:
     """Reject values out of range before any work starts (one line naming the key)."""
+    from cxr.engine import MONITORS  # torch: only when validating
+    from cxr.model import OPTIMIZERS
+
     m, o, t, d = cfg.model, cfg.optimizer, cfg.trainer, cfg.data
     validate_data(d)
     _check(m.dense > 0, f"model.dense must be > 0, got {m.dense}")
     _check(m.hidden_layers >= 0, f"model.hidden_layers must be >= 0, got {m.hidden_layers}")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     validate_model(m, d.image_size)
-    _check(o.name in ("adam", "adamw", "sgd"), f"optimizer.name must be adam|adamw|sgd, got {o.name}")
+    _check(o.name in OPTIMIZERS, f"optimizer.name must be {'|'.join(OPTIMIZERS)}, got {o.name}")
     _check(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
     _check(o.backbone_lr_scale >= 0, f"optimizer.backbone_lr_scale must be >= 0, got {o.backbone_lr_scale}")
@@ -238,10 +241,7 @@ def validate(cfg: Any) -> None:
     )
     _check(t.amp in ("auto", "off", "bf16", "fp16"), f"trainer.amp must be auto|off|bf16|fp16, got {t.amp}")
     _check(t.pos_weight in ("none", "balanced"), f"trainer.pos_weight must be none|balanced, got {t.pos_weight}")
-    _check(
-        t.monitor in ("val/auroc", "val/acc", "val/loss", "val/balanced_acc"),
-        f"trainer.monitor must be val/auroc|val/acc|val/balanced_acc|val/loss, got {t.monitor}",
-    )
+    _check(t.monitor in MONITORS, f"trainer.monitor must be {'|'.join(MONITORS)}, got {t.monitor}")
     if t.threshold != "youden":
         try:
             value = float(t.threshold)
@@ -301,15 +301,18 @@ def validate_model(m: Any, image_size: int) -> None:
 
 def validate_recipe(cfg: Any) -> None:
     """The schedule, early stopping, accumulation and augmentation settings."""
+    from cxr.batches import AUGMENT  # torch: only when validating
+    from cxr.schedule import SCHEDULES
+
     s, t, d = cfg.scheduler, cfg.trainer, cfg.data
-    _check(s.name in ("none", "cosine", "step"), f"scheduler.name must be none|cosine|step, got {s.name}")
+    _check(s.name in SCHEDULES, f"scheduler.name must be {'|'.join(SCHEDULES)}, got {s.name}")
     _check(s.warmup_steps >= 0, f"scheduler.warmup_steps must be >= 0, got {s.warmup_steps}")
     _check(0 <= s.min_lr_scale <= 1, f"scheduler.min_lr_scale must be in [0, 1], got {s.min_lr_scale}")
     _check(s.step_epochs >= 1, f"scheduler.step_epochs must be >= 1, got {s.step_epochs}")
     _check(0 < s.gamma <= 1, f"scheduler.gamma must be in (0, 1], got {s.gamma}")
     _check(t.patience is None or t.patience >= 1, f"trainer.patience must be null or >= 1, got {t.patience}")
     _check(t.accumulate_steps >= 1, f"trainer.accumulate_steps must be >= 1, got {t.accumulate_steps}")
-    _check(d.augment in ("none", "light", "strong"), f"data.augment must be none|light|strong, got {d.augment}")
+    _check(d.augment in AUGMENT, f"data.augment must be {'|'.join(AUGMENT)}, got {d.augment}")
 
 
 def effective(cfg: Any) -> Any:

@@ -21,6 +21,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite: training stops at once, naming the epoch and step."""
 
 
+# trainer.monitor -> its sign: +1 where higher is better, -1 where lower is (the validation's names too)
+MONITORS = {"val/auroc": 1.0, "val/acc": 1.0, "val/balanced_acc": 1.0, "val/loss": -1.0}
+
+
 @dataclass
 class TrainingState:
     """What the epoch loop carries from one epoch to the next (last.pt holds it)."""

@@ -28,7 +28,7 @@ from cxr.batches import epoch_augment
 from cxr.checkpoint import BEST, LAST, CheckpointError, Checkpoints
 from cxr.config import CONF_DIR, ConfigError, effective, register_configs, validate
 from cxr.data import DataError, load_dataset
-from cxr.engine import NonFiniteLossError, TrainingState, evaluate
+from cxr.engine import MONITORS, NonFiniteLossError, TrainingState, evaluate
 from cxr.model import WeightsError
 from cxr.runtime import DeviceError, Runtime, StopSignals, cpu_threads, device_name, start, sweep_job_device
 from cxr.schedule import scheduled_lr
@@ -119,7 +119,7 @@ def fit(module, training: Training, checkpoints: Checkpoints, state: TrainingSta
     """Epochs state.epoch+1 .. trainer.epochs: train, validate, keep last.pt and the best epoch;
     with trainer.patience, stop once trainer.monitor has not improved for that many epochs."""
     trainer, task, view = cfg.trainer, training.task, training.view
-    sign = -1.0 if trainer.monitor == "val/loss" else 1.0
+    sign = MONITORS[trainer.monitor]
     if state.epoch == 0:  # the state before any training: a run stopped in epoch 1 resumes from here
         checkpoints.save_last(state)
     if state.stopped_epoch is not None:  # resumed after early stopping: only the test is left

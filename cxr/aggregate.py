@@ -39,6 +39,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from cxr import results  # noqa: E402
+from cxr.config import keys_with  # noqa: E402
 from cxr.results import OK, RESULT_FILE  # noqa: E402
 from cxr.tensorboard import write_experiment  # noqa: E402
 
@@ -92,6 +93,10 @@ COLUMNS = SEED_COLUMNS + (
     Column("Warning", "warning"),
     Column("Best (val AUROC)", "best_val_auroc", "flag"),
 )
+# every other key that describes a run (cxr.config's `described` keys): all in results.csv, and in
+# results.md where the sweep's jobs differ in it
+CONFIG_COLUMNS = tuple(Column(key, key) for key in keys_with("describes")
+                       if key not in {c.key for c in COLUMNS} | {"variant", "trainer.epochs"})
 N_COLUMN = Column("n", "n", "int")  # grouped rows only: the seeds that finished
 # multi-label runs: a value per finding of these, keyed `<metric>/<finding>` as in result.json
 FINDING_METRICS = (("test/auroc", "auroc"), ("test/sensitivity", "percent"),
@@ -129,6 +134,14 @@ class Report:
     variants: list[dict] | None  # one row per variant over seeds; None when no seeds were repeated
     files: list[Path] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)  # multi-label jobs' findings; [] when none
+    varying: tuple[Column, ...] = ()  # the CONFIG_COLUMNS in which the jobs differ
+
+    def columns(self, grouped: bool) -> tuple[Column, ...]:
+        """The main table's: the seed's, what the sweep varied, the rest (n after the interval)."""
+        rest = COLUMNS[len(SEED_COLUMNS):]
+        if grouped:
+            rest = rest[:1] + (N_COLUMN,) + rest[1:]
+        return SEED_COLUMNS + self.varying + rest
 
     @property
     def ok(self) -> bool:
@@ -188,7 +201,7 @@ def job_findings(result: dict) -> list[str]:
 def job_row(job_dir: Path, result: dict, label: str) -> dict:
     values = results.flat(result)
     findings = job_findings(result)
-    row = {column.key: values.get(column.key) for column in COLUMNS + finding_columns(findings)}
+    row = {column.key: values.get(column.key) for column in COLUMNS + CONFIG_COLUMNS + finding_columns(findings)}
     row.update({
         "job": job_dir.name, "overrides": " ".join(result.get("overrides") or []), "model": label,
         # weights null (random init) is shown as Hydra spells it, not as a missing value
@@ -215,7 +228,7 @@ def variant_row(label: str, jobs: list[dict], columns=COLUMNS) -> dict:
         if column.better:
             row[column.key] = Spread.of(values)
         else:  # one value when the seeds agree (they do for the config), else the distinct ones
-            distinct = list(dict.fromkeys(v for v in values if v is not None))
+            distinct = list({repr(v): v for v in values if v is not None}.values())  # lists too (betas)
             row[column.key] = distinct[0] if len(distinct) == 1 else (distinct or None)
     test_size = next((job["test_size"] for job in jobs if job["test_size"]), None)
     row["test/acc_ci95"] = accuracy_interval(row["test/acc"], test_size)
@@ -263,12 +276,13 @@ def build_report(jobs: list[tuple[Path, dict]]) -> Report:
     groups: dict[str, list[dict]] = {}
     for (_, result), row in zip(jobs, rows, strict=True):
         groups.setdefault(model_label(result, [k for k in varying if k != "seed"]), []).append(row)
+    varying = tuple(c for c in CONFIG_COLUMNS if len({repr(row[c.key]) for row in rows}) > 1)
     if all(len(members) == 1 for members in groups.values()):
-        return Report(rows, None, findings=findings)
-    columns = COLUMNS + finding_columns(findings)
+        return Report(rows, None, findings=findings, varying=varying)
+    columns = COLUMNS + CONFIG_COLUMNS + finding_columns(findings)
     variants = [variant_row(label, members, columns) for label, members in groups.items()]
     mark_best(variants)
-    return Report(rows, variants, findings=findings)
+    return Report(rows, variants, findings=findings, varying=varying)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,11 +408,11 @@ def notes(report: Report) -> list[str]:
 def write_markdown(report: Report, path: Path) -> str:
     """results.md; returns the main table (variants when seeds were repeated, else jobs)."""
     if report.variants is None:
-        main = markdown_table(report.jobs, COLUMNS)
+        main = markdown_table(report.jobs, report.columns(grouped=False))
         sections = [main]
     else:
-        main = markdown_table(report.variants, COLUMNS[:7] + (N_COLUMN,) + COLUMNS[7:])
-        sections = [main, "## Jobs", markdown_table(report.jobs, COLUMNS)]
+        main = markdown_table(report.variants, report.columns(grouped=True))
+        sections = [main, "## Jobs", markdown_table(report.jobs, report.columns(grouped=False))]
     if report.findings:  # after the main table, over the same rows
         rows = report.variants if report.variants is not None else report.jobs
         columns = (COLUMNS[0], *finding_columns(report.findings, FINDING_METRICS[:1]),
@@ -413,7 +427,7 @@ def write_csv(jobs: list[dict], path: Path, findings: list[str] = ()) -> None:
     """One row per job with raw values (fractions, not percent), keyed by the result.json names;
     multi-label sweeps: then the per-finding metrics (`test/auroc/<finding>`, ...)."""
     header = ["job", "overrides"]
-    for column in COLUMNS + finding_columns(findings):
+    for column in COLUMNS + CONFIG_COLUMNS + finding_columns(findings):
         is_interval = column.kind == "interval"
         header += [f"{column.key}_low", f"{column.key}_high"] if is_interval else [column.key]
     with path.open("w", newline="") as f:

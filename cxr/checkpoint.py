@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cxr.batches import MEAN, STD
+from cxr.config import keys_with
 from cxr.engine import TrainingState
 from cxr.files import atomic_write
 from cxr.model import Classifier, build_model, weights_digest
@@ -32,11 +33,6 @@ log = logging.getLogger("cxr")
 # bump when the layout changes: older files are refused with a message instead of misread
 CHECKPOINT_VERSION = 5  # 5: the task (kind and classes) instead of the classes alone
 LAST, BEST = "last.pt", "best.pt"
-# config keys that may change between a run and its resumption (or extension: trainer.epochs)
-RESUMABLE_CHANGES = {"trainer.resume", "trainer.epochs", "trainer.progress", "trainer.device",
-                     "trainer.log_every", "trainer.eval_batch_size", "trainer.bootstrap",
-                     "trainer.tensorboard_images", "trainer.keep_last", "data.cache_dir",
-                     "data.decode_workers", "data.root", "data.csv"}
 # what predict needs from best.pt
 INFERENCE_KEYS = ("model", "task", "image_size", "mean", "std", "threshold", "model_config")
 
@@ -68,7 +64,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 
 def fingerprint(cfg) -> dict:
-    """The flat config without the keys a resumed run may change: what must match to resume."""
+    """The flat config without the keys a resumed run may change (cxr.config's `resumable` keys):
+    what must match to resume."""
     def walk(node, prefix=""):
         for key, value in node.items():
             if isinstance(value, dict):
@@ -76,7 +73,8 @@ def fingerprint(cfg) -> dict:
             else:
                 yield f"{prefix}{key}", value
     flat = dict(walk(OmegaConf.to_container(cfg, resolve=True)))
-    return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
+    changeable = set(keys_with("resumable"))
+    return {k: v for k, v in flat.items() if k not in changeable}
 
 
 def trained_state(model: Classifier, frozen: bool) -> dict:

@@ -12,7 +12,7 @@ register anything (and does not import Hydra), so `cxr.predict` stays free of Hy
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,25 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 class ConfigError(ValueError):
     """A user mistake in the configuration: reported as one line, never a traceback."""
+
+
+# What a key is for, declared once on its schema field (a new key is one line):
+#   describes   it describes the run: result.json's config summary, TensorBoard's HParams, the
+#               sweep report's columns (`description`)
+#   resumable   it may change between a run and its resumption or extension (`resumable_keys`);
+#               every other key must match last.pt's
+def described(default: Any = MISSING, *, factory=None, resumable: bool = False) -> Any:
+    return _declared(default, factory, describes=True, resumable=resumable)
+
+
+def resumable(default: Any = MISSING) -> Any:
+    return _declared(default, None, resumable=True)
+
+
+def _declared(default: Any, factory, **roles: bool) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata=roles)
+    return field(default=default, metadata=roles)
 
 
 @dataclass
@@ -49,30 +68,30 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING
+    name: str = described(MISSING)
     # the image folder; null only for data=csv, where it defaults to the CSV's folder
-    root: str | None = MISSING
-    image_size: int = 224
+    root: str | None = resumable(MISSING)
+    image_size: int = described(224)
     # from_train: validation carved out of train, grouped by patient; official: the given val/ folder
     val_split: str = "from_train"
-    val_fraction: float = 0.1
-    split_seed: int = 0
+    val_fraction: float = described(0.1)
+    split_seed: int = described(0)
     # where decoded uint8 arrays (and frozen-backbone features) are cached between runs
-    cache_dir: str = "${oc.env:CXR_CACHE_DIR,${oc.env:HOME}/.cache/cxr}"
+    cache_dir: str = resumable("${oc.env:CXR_CACHE_DIR,${oc.env:HOME}/.cache/cxr}")
     # processes that decode JPEGs on the first pass (0 = all cores)
-    decode_workers: int = 0
+    decode_workers: int = resumable(0)
     # on-device augmentation of training batches: none | light | strong (cxr.batches.AUGMENT)
-    augment: str = "none"
+    augment: str = described("none")
     # mirror left-right as part of the augmentation: off, since a chest is not symmetric (the
     # heart sits on the left); on only for data whose side does not matter
-    hflip: bool = False
+    hflip: bool = described(False)
     # at most this many images per split (a stratified, deterministic subset) for quick checks
-    limit: int | None = None
+    limit: int | None = described(None)
     # set for the embedded dataset: generate it under `root` on first use
     synthetic: SyntheticConfig | None = None
     # folders: root/{train,val,test}/<class>/; csv: images and labels listed in data.csv (data=csv)
     layout: str = "folders"
-    csv: str | None = None
+    csv: str | None = resumable(None)
     path_column: str = "Path"
     label_column: str = "Label"
     patient_column: str | None = None  # null: the patient from the file name (cxr.data.patient_id)
@@ -95,83 +114,105 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet50"
-    backbone: str = "resnet50"  # a torchvision model name, see cxr.model.BACKBONES
-    dense: int = 8
-    hidden_layers: int = 1
-    dropout: float = 0.5
-    pooling: str = "flatten"  # flatten (the seed: Keras include_top=False) | avg | token (vit)
-    weights: str | None = "imagenet"  # imagenet | null | path to a state-dict file
-    freeze_backbone: bool = False
+    backbone: str = described("resnet50")  # a torchvision model name, see cxr.model.BACKBONES
+    dense: int = described(8)
+    hidden_layers: int = described(1)
+    dropout: float = described(0.5)
+    pooling: str = described("flatten")  # flatten (the seed: Keras include_top=False) | avg | token (vit)
+    weights: str | None = described("imagenet")  # imagenet | null | path to a state-dict file
+    freeze_backbone: bool = described(False)
     # null: the whole backbone trains; k: only its last k stages (0: frozen, as freeze_backbone)
-    trainable_stages: int | None = None
+    trainable_stages: int | None = described(None)
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    name: str = described("adam")  # adam | adamw | sgd
+    lr: float = described(1e-5)
+    weight_decay: float = described(0.0)
+    momentum: float = described(0.9)  # sgd only
+    betas: list[float] = described(factory=lambda: [0.9, 0.999])  # adam, adamw
     # the backbone's lr is lr x this (the head's is lr); 0 freezes it as model.freeze_backbone does
-    backbone_lr_scale: float = 1.0
+    backbone_lr_scale: float = described(1.0)
 
 
 @dataclass
 class SchedulerConfig:
     """The learning rate over optimizer steps, as a factor of optimizer.lr (cxr.schedule)."""
 
-    name: str = "none"  # none (the seed's constant lr) | cosine | step
-    warmup_steps: int = 0  # linear warmup over the first optimizer steps
-    min_lr_scale: float = 0.0  # cosine: the factor it ends at
-    step_epochs: int = 10  # step: multiply by gamma every this many epochs
-    gamma: float = 0.1
+    name: str = described("none")  # none (the seed's constant lr) | cosine | step
+    warmup_steps: int = described(0)  # linear warmup over the first optimizer steps
+    min_lr_scale: float = described(0.0)  # cosine: the factor it ends at
+    step_epochs: int = described(10)  # step: multiply by gamma every this many epochs
+    gamma: float = described(0.1)
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 20
+    epochs: int = described(20, resumable=True)  # resumable: a finished run can be extended
     # per process: under torchrun --nproc_per_node=N an optimizer step sees N x batch_size images
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    device: str = "auto"  # auto | cpu | cuda | mps
+    batch_size: int = described(32)
+    eval_batch_size: int = resumable(128)
+    device: str = resumable("auto")  # auto | cpu | cuda | mps
     # off | bf16 | fp16 | auto (bf16 where the GPU supports it, else fp16 with a GradScaler; never on CPU)
-    amp: str = "auto"
+    amp: str = described("auto")
     channels_last: bool = True
     compile: bool = False
-    grad_clip: float | None = None
+    grad_clip: float | None = described(None)
     # optimizer steps every this many batches (gradients summed): batch_size x accumulate_steps
     # images per step, for a large backbone on a small GPU
-    accumulate_steps: int = 1
+    accumulate_steps: int = described(1)
     # stop when trainer.monitor has not improved for this many epochs (null: train every epoch)
-    patience: int | None = None
-    monitor: str = "val/auroc"  # metric that picks best.pt (cxr.engine.MONITORS)
-    threshold: str = "0.5"  # 0.5 (or any number in (0,1)) | youden: chosen on validation
+    patience: int | None = described(None)
+    monitor: str = described("val/auroc")  # metric that picks best.pt (cxr.engine.MONITORS)
+    threshold: str = described("0.5")  # 0.5 (or any number in (0,1)) | youden: chosen on validation
     deterministic: bool = False
-    resume: bool = False
+    resume: bool = resumable(False)
     # keep last.pt after a run ends ok, so that `trainer.resume=true trainer.epochs=N+k` can extend
     # it (a finished run otherwise keeps only best.pt: last.pt holds the optimizer state too)
-    keep_last: bool = False
-    log_every: int = 10
-    progress: bool = True
-    bootstrap: int = 1000  # resamples for the 95% intervals of the test metrics (0 = off)
+    keep_last: bool = resumable(False)
+    log_every: int = resumable(10)
+    progress: bool = resumable(True)
+    bootstrap: int = resumable(1000)  # resamples for the 95% intervals of the test metrics (0 = off)
     # multi-label: none, or balanced (each finding's BCE positives weighted negatives/positives in train)
-    pos_weight: str = "none"
-    tensorboard_images: bool = True  # image grid, ROC, confusion matrix, Grad-CAM at the end
+    pos_weight: str = described("none")
+    tensorboard_images: bool = resumable(True)  # image grid, ROC, confusion matrix, Grad-CAM at the end
 
 
 @dataclass
 class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    # (in the order a run's description lists them: model, optimizer, schedule, data, trainer)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    seed: int = 0  # the random seed (the Keras experiment cxr reproduces is "the reference")
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = described(0)  # the random seed (the Keras experiment cxr reproduces is "the reference")
     # sweep jobs that share one GPU at a time (hydra/launcher=per_gpu, Ray's fractional num_gpus)
     jobs_per_gpu: int = 1
-    variant: str = "custom"
+    variant: str = described("custom")
     description: str = ""
+
+
+def keys_with(role: str, schema: type = TrainConfig, prefix: str = "") -> list[str]:
+    """The dotted keys whose schema field is declared with `role` (describes | resumable), in
+    declaration order."""
+    keys = []
+    for spec in fields(schema):
+        if is_dataclass(spec.type):
+            keys += keys_with(role, spec.type, f"{prefix}{spec.name}.")
+        elif spec.metadata.get(role):
+            keys.append(prefix + spec.name)
+    return keys
+
+
+def description(cfg: Any) -> dict[str, Any]:
+    """What describes a run, by dotted key: the values of every `described` key (lists as lists)."""
+    values = {}
+    for key in keys_with("describes"):
+        value = OmegaConf.select(cfg, key)
+        values[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return values
 
 
 def slug(text: str, max_length: int = 80) -> str:

@@ -3,7 +3,6 @@
 This module is the only one that knows result.json's name and layout: `train.py` builds records
 through it, `aggregate.py` reads them through it. A record's status is one of
 
-    running       written when the run starts: a folder with it and no process is a killed run
     ok            finished: metrics of the best validation epoch, the test split once
     failed        stopped by an error (`error` holds one line; the log has the rest)
     interrupted   stopped by a signal; last.pt is kept and the run can be resumed
@@ -23,12 +22,13 @@ import math
 import os
 from pathlib import Path
 
+from cxr.config import description
 from cxr.data import label_counts
 from cxr.files import atomic_write
 
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "test_predictions.csv"
-RUNNING, OK, FAILED, INTERRUPTED = "running", "ok", "failed", "interrupted"
+OK, FAILED, INTERRUPTED = "ok", "failed", "interrupted"
 # the metrics of a split (cxr.metrics.scalar_metrics gives all but loss)
 METRICS = ("loss", "acc", "balanced_acc", "auroc", "sensitivity", "specificity", "precision", "f1")
 # shown first in TensorBoard's HParams table (and used to choose: validation decides, test reports)
@@ -37,26 +37,25 @@ DECIDING_METRICS = ("val/auroc", "test/auroc", "test/balanced_acc", "test/acc", 
 
 
 def new_record(cfg, overrides) -> dict:
-    """The parts of result.json known before training (also written for failed runs)."""
-    return {
-        "status": RUNNING, "error": None,
-        "variant": cfg.variant, "description": cfg.description, "overrides": list(overrides),
-        "model": {"backbone": cfg.model.backbone, "dense": cfg.model.dense,
-                  "hidden_layers": cfg.model.hidden_layers, "dropout": cfg.model.dropout,
-                  "pooling": cfg.model.pooling, "weights": cfg.model.weights,
-                  "freeze_backbone": cfg.model.freeze_backbone, "trainable_stages": cfg.model.trainable_stages},
-        "optimizer": {"name": cfg.optimizer.name, "lr": cfg.optimizer.lr,
-                      "backbone_lr_scale": cfg.optimizer.backbone_lr_scale},
-        "scheduler": {"name": cfg.scheduler.name, "warmup_steps": cfg.scheduler.warmup_steps},
-        "data": {"name": cfg.data.name, "image_size": cfg.data.image_size, "augment": cfg.data.augment},
+    """The parts of result.json known before training (also written for failed runs): what
+    describes the run (cxr.config's `described` keys, by section: model, optimizer, ...)."""
+    record = {"status": None, "error": None, "variant": cfg.variant, "description": cfg.description,
+              "overrides": list(overrides)}
+    for key, value in description(cfg).items():
+        section, _, name = key.rpartition(".")
+        if section:
+            record.setdefault(section, {})[name] = value
+        else:
+            record[name] = value
+    record.update({
         # stopped_epoch: the last epoch trained when trainer.patience stopped the run early, else null
         "metrics": {}, "epochs": cfg.trainer.epochs, "best_epoch": None, "stopped_epoch": None,
-        "seed": cfg.seed,
         "device": None, "warnings": [], "time": {},
         # the most memory the run's tensors held on its GPU (MiB; null off CUDA): what packing
         # several sweep jobs on one GPU must fit
         "peak_gpu_memory_mb": None,
-    }
+    })
+    return record
 
 
 def data_summary(dataset) -> dict:
@@ -119,7 +118,7 @@ def flat(record: dict) -> dict:
     """The record's values by their contract names: `model.dense`, `optimizer.lr`, `test/acc`,
     `time.train_ms`, ... (what the aggregator's columns are keyed by)."""
     values = {key: value for key, value in record.items() if not isinstance(value, dict)}
-    for section in ("model", "optimizer", "scheduler", "data", "time"):
+    for section in ("model", "optimizer", "scheduler", "data", "trainer", "time"):
         for key, value in (record.get(section) or {}).items():
             values[f"{section}.{key}"] = value
     values.update(record.get("metrics") or {})

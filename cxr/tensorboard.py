@@ -23,6 +23,7 @@ from torch.utils.tensorboard.summary import hparams  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from cxr.batches import Augment, denormalise, preprocess  # noqa: E402
+from cxr.config import description  # noqa: E402
 from cxr.explain import GradCamUnavailable, grad_cam, overlay  # noqa: E402
 from cxr.results import DECIDING_METRICS  # noqa: E402
 from cxr.task import Task  # noqa: E402
@@ -31,18 +32,11 @@ log = logging.getLogger("cxr")
 
 
 def hparams_of(cfg) -> dict:
-    """The hyperparameters a run shows in the HParams dashboard (and stores in result.json)."""
-    return {"variant": cfg.variant, "model.backbone": cfg.model.backbone, "model.dense": cfg.model.dense,
-            "model.hidden_layers": cfg.model.hidden_layers, "model.dropout": cfg.model.dropout,
-            "model.pooling": cfg.model.pooling, "model.weights": str(cfg.model.weights),
-            "model.freeze_backbone": cfg.model.freeze_backbone, "optimizer.name": cfg.optimizer.name,
-            "optimizer.lr": cfg.optimizer.lr, "seed": cfg.seed, "data.name": cfg.data.name,
-            "data.image_size": cfg.data.image_size, "trainer.epochs": cfg.trainer.epochs,
-            "trainer.batch_size": cfg.trainer.batch_size,
-            "model.trainable_stages": str(cfg.model.trainable_stages),
-            "optimizer.backbone_lr_scale": cfg.optimizer.backbone_lr_scale, "scheduler.name": cfg.scheduler.name,
-            "scheduler.warmup_steps": cfg.scheduler.warmup_steps, "data.augment": cfg.data.augment,
-            "trainer.accumulate_steps": cfg.trainer.accumulate_steps}
+    """The hyperparameters a run shows in the HParams dashboard (and stores in result.json): what
+    describes it (cxr.config's `described` keys). None, lists and booleans as text: HParams has no
+    null or list, and torch's writer would store a bool as the number 0 or 1."""
+    return {key: value if isinstance(value, int | float | str) and not isinstance(value, bool) else str(value)
+            for key, value in description(cfg).items()}
 
 
 def _finite(value) -> bool:

@@ -22,6 +22,14 @@ SINGLE_LABEL_HEADER = [
     "test/balanced_acc", "test/acc_at_0.5", "val/acc", "val/auroc", "test/auroc",
     "test/sensitivity", "test/specificity", "best_epoch", "stopped_epoch", "epochs", "seed",
     "model.weights", "device", "status", "error", "warning", "best_val_auroc"]
+# then every other key that describes a run (cxr.config's `described` keys), in declaration order
+CONFIG_HEADER = [
+    "model.backbone", "model.dropout", "model.pooling", "model.freeze_backbone", "model.trainable_stages",
+    "optimizer.name", "optimizer.weight_decay", "optimizer.momentum", "optimizer.betas", "optimizer.backbone_lr_scale",
+    "scheduler.name", "scheduler.warmup_steps", "scheduler.min_lr_scale", "scheduler.step_epochs", "scheduler.gamma",
+    "data.name", "data.image_size", "data.val_fraction", "data.split_seed", "data.augment", "data.hflip", "data.limit",
+    "trainer.batch_size", "trainer.amp", "trainer.grad_clip", "trainer.accumulate_steps", "trainer.patience",
+    "trainer.monitor", "trainer.threshold", "trainer.pos_weight"]
 FINDINGS = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
 # (variant, seed) -> per-finding test AUROC; Nodule is absent from one seed's test split (null)
 AUROCS = {
@@ -136,7 +144,7 @@ def test_results_csv_has_the_per_finding_columns_after_the_others(multilabel_swe
     extra = [f"{metric}/{name}" for metric in ("test/auroc", "test/sensitivity", "test/specificity")
              for name in FINDINGS]
     assert header[-len(extra):] == extra
-    assert header[:-len(extra)] == SINGLE_LABEL_HEADER
+    assert header[:-len(extra)] == SINGLE_LABEL_HEADER + CONFIG_HEADER
     rows = read_csv(multilabel_sweep / "results.csv")
     assert [row["seed"] for row in rows] == ["0", "1", "0", "1"]
     assert float(rows[2]["test/auroc/Nodule"]) == pytest.approx(0.75)
@@ -156,7 +164,7 @@ def single_label_header(sweep_dir) -> list[str]:
 def test_a_single_label_sweep_has_no_per_finding_table_or_columns(tmp_path):
     header = single_label_header(tmp_path)
 
-    assert header == SINGLE_LABEL_HEADER
+    assert header == SINGLE_LABEL_HEADER + CONFIG_HEADER
     text = (tmp_path / "results.md").read_text()
     assert "per finding" not in text and "label-wise" not in text
     assert len(read_tables(tmp_path / "results.md")) == 2  # variants, jobs

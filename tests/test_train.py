@@ -10,8 +10,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cxr import aggregate, results
 from cxr.train import run, run_safely
 from tests.conftest import REPO
+from tests.test_sweep import hparams_of, read_csv
 
 EPOCH_TAGS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/auroc")
 
@@ -31,8 +33,10 @@ def test_result_json_follows_the_contract(smoke_run):
     assert result["model"] == {"backbone": "resnet50", "dense": 8, "hidden_layers": 1, "dropout": 0.5,
                                "pooling": "flatten", "weights": None, "freeze_backbone": False,
                                "trainable_stages": None}
-    assert result["optimizer"] == {"name": "adam", "lr": 1e-4, "backbone_lr_scale": 1.0}
-    assert result["scheduler"] == {"name": "none", "warmup_steps": 0}
+    assert result["optimizer"] == {"name": "adam", "lr": 1e-4, "weight_decay": 0.0, "momentum": 0.9,
+                                   "betas": [0.9, 0.999], "backbone_lr_scale": 1.0}
+    assert result["scheduler"] == {"name": "none", "warmup_steps": 0, "min_lr_scale": 0.0, "step_epochs": 10,
+                                   "gamma": 0.1}
     assert result["stopped_epoch"] is None
     assert result["data"]["name"] == "synthetic" and result["data"]["image_size"] == 32
     assert result["data"]["skipped_files"] == 0
@@ -120,3 +124,32 @@ def test_real_images_from_scratch_at_64px(shared_data, make_cfg, tmp_path):
                    "data.image_size=64", "trainer.epochs=4", "optimizer.lr=1e-4", "trainer.progress=false")
     result = run(cfg, tmp_path)
     assert result["metrics"]["test/auroc"] >= 0.85
+
+
+def same(found, value) -> bool:
+    """A value as result.json or a CSV cell holds it, and as HParams shows it (numbers as floats,
+    None and lists as text)."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        return float(found) == pytest.approx(value)
+    return str(found) == str(value) or (value == "None" and found in ("", None, "null"))  # null: Hydra's spelling
+
+
+def test_what_describes_a_run_is_one_list_in_result_json_hparams_and_the_report(smoke_run, tmp_path):
+    """result.json's config summary, TensorBoard's HParams and the report's CSV columns name the
+    same keys with the same values (they were four hand-written lists that disagreed:
+    optimizer.weight_decay and the scheduler were in none of the first three)."""
+    out, result = smoke_run
+    hparams = hparams_of(out)  # TensorBoard's own reader
+    in_record = results.flat(result)
+    job = tmp_path / "sweep" / "0_debug=smoke"
+    job.mkdir(parents=True)
+    shutil.copy(out / "result.json", job / "result.json")
+    aggregate.aggregate(tmp_path / "sweep")
+    (row,) = read_csv(tmp_path / "sweep" / "results.csv")
+    for key, value in hparams.items():
+        shown = {"variant": "model", "trainer.epochs": "epochs"}.get(key, key)  # the report's names for them
+        for where, found in (("result.json", in_record[key]), ("results.csv", row[shown])):
+            assert same(found, value), (key, where, found, value)
+    for key in ("optimizer.weight_decay", "optimizer.betas", "scheduler.name", "scheduler.warmup_steps",
+                "data.augment", "trainer.batch_size"):
+        assert key in hparams, key

@@ -105,7 +105,7 @@ def classify(model: Classifier, task: Task, settings: dict, files: list[Path], d
             labels = task.decide(probs, threshold)
             for p, label, cam in zip(probs, labels, cams, strict=True):
                 path = next(paths)
-                rows[path] = results.prediction_row(path, p, task.label_name(label), task.classes)
+                rows[path] = task.prediction_row(path, p, label)
                 if cam is not None:
                     overlays[path].parent.mkdir(parents=True, exist_ok=True)
                     save_overlay(path, cam, overlays[path])
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         overlays = {str(p): Path(cfg.gradcam) / p.relative_to(root).with_suffix(".png")
                     for p in files}
     rows = classify(model, task, settings, files, device, cfg.batch_size, overlays, cfg.gradcam_class)
-    results.write_predictions(rows, task.classes, cfg.output)
+    results.write_predictions(rows, task.prediction_columns(with_truth=False), cfg.output)
     unreadable = [row["path"] for row in rows if row["status"] != "ok"]
     if unreadable:
         log.warning("%d unreadable file(s), listed with status unreadable: %s", len(unreadable),

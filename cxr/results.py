@@ -9,11 +9,11 @@ through it, `aggregate.py` reads them through it. A record's status is one of
 
 The metric names are the same in result.json, TensorBoard and the report: `<split>/<metric>`.
 
-Per-image predictions share one CSV layout: `path, prob_<class>..., label[, truth], status`
-(multi-label: a probability per finding; label and truth are the findings joined by |),
-written by cxr.predict (predictions.csv) and by each run for its test split
-(test_predictions.csv, with the true class, from the checkpoint and threshold chosen on
-validation).
+Per-image predictions share one CSV layout, whose columns the task gives (cxr.task:
+`path, prob_<class>..., label[, truth], status`; multi-label: a probability per finding, the label
+the findings called joined by |, and `truth_<finding>` 1, 0 or empty for unknown), written by
+cxr.predict (predictions.csv) and by each run for its test split (test_predictions.csv, with the
+truth, from the checkpoint and threshold chosen on validation).
 """
 
 import csv
@@ -127,20 +127,11 @@ def flat(record: dict) -> dict:
     return values
 
 
-def prediction_row(path: str, probs, label: str, classes: list[str], truth: str | None = None) -> dict:
-    row = {"path": path, **{f"prob_{name}": f"{p:.6f}" for name, p in zip(classes, probs, strict=True)},
-           "label": label, "status": "ok"}
-    if truth is not None:
-        row["truth"] = truth
-    return row
-
-
-def write_predictions(rows: list[dict], classes: list[str], output: str | os.PathLike) -> None:
-    """The rows as CSV; a file that could not be read is a row with status `unreadable`."""
+def write_predictions(rows: list[dict], columns: list[str], output: str | os.PathLike) -> None:
+    """The rows (cxr.task's prediction columns) as CSV; a file that could not be read is a row with
+    status `unreadable` and nothing else."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    truth = ["truth"] if any("truth" in row for row in rows) else []
-    columns = ["path", *(f"prob_{name}" for name in classes), "label", *truth, "status"]
     with open(output, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()

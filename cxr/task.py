@@ -215,6 +215,25 @@ class Task:
             return self.classes[int(label)]
         return "|".join(name for name, value in zip(self.classes, label, strict=True) if value == 1) or NO_FINDING
 
+    def prediction_columns(self, with_truth: bool) -> list[str]:
+        """The columns of a predictions CSV: path, a probability per class (or finding), the label
+        decided, the truth (with_truth: the class; multi-label: 1, 0 or empty for unknown, per
+        finding) and the status."""
+        truth = ([f"truth_{name}" for name in self.classes] if self.multilabel else ["truth"]) if with_truth else []
+        return ["path", *(f"prob_{name}" for name in self.classes), "label", *truth, "status"]
+
+    def prediction_row(self, path: str, probs: np.ndarray, decision, truth=None) -> dict:
+        """One image's row of `prediction_columns`. Probabilities are written to 9 significant
+        digits, which float32 round-trips: metrics recomputed from the file equal the run's."""
+        row = {"path": path, **{f"prob_{name}": f"{p:.9g}" for name, p in zip(self.classes, probs, strict=True)},
+               "label": self.label_name(decision), "status": "ok"}
+        if truth is not None and self.multilabel:
+            row.update({f"truth_{name}": "" if value == UNKNOWN else str(int(value))
+                        for name, value in zip(self.classes, truth, strict=True)})
+        elif truth is not None:
+            row["truth"] = self.classes[int(truth)]
+        return row
+
     def roc_curves(self, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(name, truth, score) of each ROC curve a run shows: the positive class of a binary run,
         each finding (its known entries) of a multi-label one, where both values occur."""

@@ -186,9 +186,9 @@ def complete(record: dict, state: TrainingState, threshold: float, test_loss: fl
 def write_test_predictions(output_dir: Path, paths: list[str], probs: np.ndarray, labels: np.ndarray,
                            threshold: float, task: Task) -> None:
     decisions = task.decide(probs, threshold)
-    rows = [results.prediction_row(path, p, task.label_name(d), task.classes, truth=task.label_name(y))
-            for path, p, d, y in zip(paths, probs, decisions, labels, strict=True)]
-    results.write_predictions(rows, task.classes, output_dir / results.PREDICTIONS_FILE)
+    rows = [task.prediction_row(path, p, d, truth=y) for path, p, d, y in zip(paths, probs, decisions, labels,
+                                                                               strict=True)]
+    results.write_predictions(rows, task.prediction_columns(with_truth=True), output_dir / results.PREDICTIONS_FILE)
 
 
 def report(record: dict, board: RunBoard, model, test_split, probs: np.ndarray, labels: np.ndarray,

@@ -209,7 +209,7 @@ def nih_run(make_cfg, nih_root, tmp_path_factory):
 
 
 def truth_matrix(rows, findings):
-    return np.array([[int(name in row["truth"].split("|")) for name in findings] for row in rows])
+    return np.array([[int(row[f"truth_{name}"]) for name in findings] for row in rows])
 
 
 def test_a_nih_run_reports_each_finding_and_the_mean_as_scikit_learn_computes_them(nih_run):
@@ -270,6 +270,45 @@ def test_a_chexpert_run_with_a_finding_absent_from_test_reports_null_for_it(make
     assert saved["metrics"]["test/auroc/Edema"] is None
     defined = [saved["metrics"][f"test/auroc/{name}"] for name in ("Cardiomegaly", "Pneumonia")]
     assert saved["metrics"]["test/auroc"] == pytest.approx(np.mean(defined))
+
+
+def test_item3_unknown_labels_stay_unknown_in_the_predictions_and_recompute_result_json(
+        make_cfg, chexpert_root, tmp_path):
+    """Issue 20 item 3: uncertain and blank CheXpert cells (masked out of every metric) were written
+    as negatives in test_predictions.csv, so metrics recomputed from it disagreed with result.json.
+    Each finding's truth is now 1, 0 or empty (unknown): scikit-learn on the CSV's known entries
+    gives result.json's per-finding AUROCs to 1e-9."""
+    run(make_cfg("data=chexpert", *runner_overrides(chexpert_root, "data.uncertain=ignore", "data.blank=ignore",
+                                                    "trainer.epochs=2", "trainer.tensorboard_images=false")),
+        tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    with open(tmp_path / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cells = {row[0]: row[1:] for row in chexpert_cells_by_path(chexpert_root, "valid")}
+    unknowns = 0
+    for name in CHEXPERT_FINDINGS:
+        truth = [row[f"truth_{name}"] for row in rows]
+        # the file on disk says which labels are unknown: -1.0 and blank cells
+        expected = [{"1.0": "1", "0.0": "0", "-1.0": "", "": ""}[cells[row["path"]][CHEXPERT_FINDINGS.index(name)]]
+                    for row in rows]
+        assert truth == expected, name
+        unknowns += truth.count("")
+        known = [i for i, value in enumerate(truth) if value != ""]
+        y = np.array([int(truth[i]) for i in known])
+        scores = np.array([float(rows[i][f"prob_{name}"]) for i in known])
+        if len(set(y)) == 2:
+            assert saved["metrics"][f"test/auroc/{name}"] == pytest.approx(roc_auc_score(y, scores), abs=1e-9), name
+        else:
+            assert saved["metrics"][f"test/auroc/{name}"] is None, name
+    assert unknowns > 0
+
+
+def chexpert_cells_by_path(root, split: str) -> list[list[str]]:
+    """[image path, cell per finding] of a CheXpert table's frontal rows, paths as cxr lists them."""
+    with open(root / f"{split}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [[str(root.parent / row["Path"]), *(row[name] for name in CHEXPERT_FINDINGS)] for row in rows
+            if row["Frontal/Lateral"] == "Frontal"]
 
 
 @pytest.mark.parametrize("form", ["separator", "columns"])

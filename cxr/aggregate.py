@@ -209,7 +209,7 @@ def job_row(job_dir: Path, result: dict, label: str) -> dict:
         "status": result.get("status", MISSING), "best_val_auroc": False,
         "warning": "; ".join(result.get("warnings") or []) or None,
         "history": result.get("history") or [], "test_size": values.get("data.test"),
-        "findings": findings,
+        "findings": findings, "macro_findings": result.get("macro_findings"),
     })
     return row
 
@@ -372,6 +372,11 @@ def notes(report: Report) -> list[str]:
              "best value of a metric column."]
     if report.findings:
         lines.append(MULTILABEL_NOTE)
+        averaged = {", ".join(job["macro_findings"]) for job in report.jobs if job["macro_findings"]}
+        lines.append("Macro means and their 95% intervals average over the findings that a test split "
+                     f"defines, the same ones in every bootstrap resample: {'; '.join(sorted(averaged)) or '—'}. "
+                     "Per-finding intervals resample each finding within its own positives, negatives and "
+                     "unknowns; the macro ones within the images' label combinations.")
     if sizes:
         steps = ", ".join(f"{100 / n:.2f} points (N = {n})" for n in sizes)
         lines.append(f"One test image is 100/N = {steps} of accuracy: smaller differences are "

@@ -110,6 +110,12 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, decisions: np.ndar
     return metrics
 
 
+def finding_metrics(labels: np.ndarray, probs: np.ndarray, decisions: np.ndarray) -> dict:
+    """One finding's auroc, sensitivity and specificity over its known entries (NaN where undefined)."""
+    one = multilabel_metrics(labels[:, None], probs[:, None], decisions[:, None], ["finding"])
+    return {name: one[f"{name}/finding"] for name in ("auroc", "sensitivity", "specificity")}
+
+
 def finding_tables(labels: np.ndarray, decisions: np.ndarray) -> list[list[list[int]]]:
     """One [[tn, fp], [fn, tp]] table per finding, over its known entries."""
     tp, fn, tn, fp = finding_counts(labels, decisions)

@@ -175,16 +175,37 @@ class Task:
         return metrics.confusion(labels, decisions, len(self.classes))
 
     def strata(self, labels: np.ndarray) -> list[np.ndarray]:
-        """The bootstrap's strata: each class resampled within itself; multi-label images have no
-        one class and are resampled as one group."""
-        if self.multilabel:
-            return [np.arange(len(labels))]
-        return [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        """The bootstrap's strata: each class resampled within itself; multi-label images within
+        their label combinations, so every resample keeps each finding's positives, negatives and
+        unknowns (and the findings a macro mean averages stay the same in every resample)."""
+        rows = labels if self.multilabel else labels[:, None]
+        _, combination = np.unique(rows, axis=0, return_inverse=True)
+        return [np.flatnonzero(combination.ravel() == c) for c in range(combination.max() + 1)] if len(rows) else []
 
     def intervals(self, labels: np.ndarray, probs: np.ndarray, threshold, resamples: int, seed: int = 0) -> dict:
-        """95% percentile bootstrap intervals of every scalar metric (cxr.metrics.bootstrap_intervals)."""
-        return metrics.bootstrap_intervals(lambda idx: self.metrics(labels[idx], probs[idx], threshold),
-                                           self.strata(labels), resamples, seed)
+        """95% percentile bootstrap intervals of every scalar metric (cxr.metrics.bootstrap_intervals);
+        multi-label: each finding's own metrics resampled within its positives, negatives and
+        unknowns (a rare finding keeps its few positives in every resample)."""
+        intervals = metrics.bootstrap_intervals(lambda idx: self.metrics(labels[idx], probs[idx], threshold),
+                                                self.strata(labels), resamples, seed)
+        if not self.multilabel:
+            return intervals
+        decisions = self.decide(probs, threshold)
+        for k, name in enumerate(self.classes):
+            column = labels[:, k]
+            own = metrics.bootstrap_intervals(
+                lambda idx, k=k, column=column: metrics.finding_metrics(column[idx], probs[idx, k], decisions[idx, k]),
+                [np.flatnonzero(column == value) for value in np.unique(column)], resamples, seed)
+            intervals.update({f"{metric}/{name}": interval for metric, interval in own.items()})
+        return intervals
+
+    def macro_findings(self, labels: np.ndarray) -> list[str] | None:
+        """Multi-label: the findings whose AUROC the split defines (both values among its known
+        labels): what the macro AUROC and its interval average over, in every resample alike.
+        None for single-label runs."""
+        if not self.multilabel:
+            return None
+        return [name for k, name in enumerate(self.classes) if len(np.unique(labels[labels[:, k] >= 0, k])) == 2]
 
     def warnings(self, labels: np.ndarray, probs: np.ndarray, threshold) -> list[str]:
         """What makes a finished run's result meaningless (constant answers, below the majority rate

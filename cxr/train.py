@@ -178,6 +178,7 @@ def complete(record: dict, state: TrainingState, threshold: float, test_loss: fl
                  **results.split_metrics("test", test_loss, task.metrics(labels, probs, threshold)),
                  **results.at_reference_threshold(task.metrics(labels, probs, task.reference_threshold))},
         confusion=task.confusion(labels, probs, threshold), majority_rate=task.majority_rate(labels),
+        macro_findings=task.macro_findings(labels),
         warnings=warnings, intervals={f"test/{k}": v for k, v in task.intervals(
             labels, probs, threshold, cfg.trainer.bootstrap, seed=0).items()},
         history=state.history, hparams=hparams_of(cfg))

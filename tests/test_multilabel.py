@@ -455,3 +455,33 @@ def test_data_labels_picks_and_orders_label_columns(make_cfg, tmp_path):
     by_path = dict(zip([p for split in splits for p in split.paths],
                        torch.cat([split.labels for split in splits]).tolist(), strict=True))
     assert {Path(p).name: v for p, v in by_path.items()} == {"a.png": [-1, 1], "b.png": [1, 0], "c.png": [0, 1]}
+
+
+def test_item12_rare_findings_get_intervals_and_the_macro_interval_keeps_its_findings():
+    """Issue 20 item 12: images were resampled as one group, so a rare finding's resamples often
+    lacked positives (no interval) and the macro mean averaged a different set of findings in each
+    resample. Each finding is now resampled within its positives, negatives and unknowns, and the
+    macro within the images' label combinations: every resample keeps every finding's counts."""
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = (rng.random((n, 3)) < [0.4, 0.3, 0.0]).astype(int)
+    labels[:3, 2] = 1  # a rare finding: 3 positives in 300
+    labels[rng.random((n, 3)) < 0.1] = -1  # unknowns, masked out
+    probs = np.clip(0.35 * (labels == 1) + 0.65 * rng.random((n, 3)), 0, 1)
+    task = Task.of(FINDINGS, multilabel=True)
+    point = task.metrics(labels, probs, [0.5] * 3)
+    intervals = task.intervals(labels, probs, [0.5] * 3, resamples=200, seed=0)
+    for name in ("auroc/Pneumonia", "sensitivity/Pneumonia", "auroc", "sensitivity"):
+        assert intervals[name] is not None, name  # None before: some resamples had no positive
+        low, high = intervals[name]
+        assert low <= point[name] <= high, name
+    # the macro's strata keep each finding's positives, negatives and unknowns in every resample
+    draw = np.concatenate([rng.choice(members, len(members)) for members in task.strata(labels)])
+    for value in (1, 0, -1):
+        np.testing.assert_array_equal((labels[draw] == value).sum(0), (labels == value).sum(0))
+    # a finding undefined on the whole split (no positive) is left out of the macro alike in every
+    # resample: adding one does not move the macro intervals
+    with_absent = np.concatenate([labels, np.zeros((n, 1), dtype=int)], 1)
+    wider = Task.of([*FINDINGS, "Hernia"], multilabel=True).intervals(
+        with_absent, np.concatenate([probs, rng.random((n, 1))], 1), [0.5] * 4, resamples=200, seed=0)
+    assert wider["auroc"] == intervals["auroc"] and wider["auroc/Hernia"] is None

@@ -1,7 +1,7 @@
 """What `run()` gets from the data config: the classes and three decoded splits (`Dataset`).
 
 `load_dataset` lists the layout (cxr.data.layouts), carves validation from train by patient
-(cxr.data.splits) unless the layout's own is used, and has cxr.decoding decode every split once
+(cxr.data.splits) when the layout gives none, and has cxr.decoding decode every split once
 into a cached uint8 array; cxr.batches then serves batches of it on the training device.
 """
 
@@ -77,7 +77,7 @@ def load_dataset(data_cfg) -> Dataset:
     """Everything `run()` needs from the data config: classes and three decoded splits."""
     listing = LAYOUTS[data_cfg.layout](data_cfg)
     items = dict(listing.items)
-    if data_cfg.val_split != "official":
+    if not items["val"]:  # the layout's own validation: none, or set aside (the folders' val/)
         items["train"], items["val"] = split_by_patient(items["train"], data_cfg.val_fraction,
                                                         data_cfg.split_seed, listing.patient_of)
     cache_dir = Path(data_cfg.cache_dir).expanduser() / "decoded"

@@ -9,6 +9,7 @@ A layout lists the (path, label) items of each split and who each image's patien
 validation and decoding are cxr.data.dataset's. Tables are read by cxr.data.tables.
 """
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from cxr.data.tables import (
 )
 from cxr.synthetic import ensure_synthetic
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
 
 
@@ -35,7 +38,8 @@ SPLITS = ("train", "val", "test")
 class Listing:
     """A layout read but not decoded: class order, (path, label) items per split, and who is whom.
 
-    `items["val"]` is empty unless the layout's own validation split is used (val_split=official).
+    `items["val"]` is empty when validation is to be carved from train (the folders' val/ is read
+    only with val_split=official; a table's val rows are always read).
     """
 
     root: Path
@@ -166,7 +170,8 @@ def table_listing(data_cfg, rows: Rows, root: Path, classes: list[str], label_of
 
 def table_splits(data_cfg, items: dict[str, list], patient_of: Callable[[str], str], source: str,
                  has_splits: bool) -> dict[str, list]:
-    """Train and test as the table says, or test carved by patient; val only when official."""
+    """Train and test as the table says, or test carved by patient; val as the table says when it
+    has val rows (a table's own validation is never set aside), else carved from train later."""
     if not has_splits:
         items["train"], items["test"] = split_by_patient(items["train"], data_cfg.test_fraction,
                                                          data_cfg.split_seed, patient_of)
@@ -176,8 +181,10 @@ def table_splits(data_cfg, items: dict[str, list], patient_of: Callable[[str], s
                    if name == "val" else "")
             raise DataError(f"{source} has no {name} rows in column {data_cfg.split_column!r} "
                             f"(data.split_column){fix}")
-    if data_cfg.val_split != "official":
-        items["val"] = []  # carved from train later, as the folder layout's val/ is set aside
+    if items["val"]:
+        log.info("validation: the %d val rows of %s (data.split_column=%s); data.val_split=from_train carves "
+                 "validation from train only in a table without val rows", len(items["val"]), source,
+                 data_cfg.split_column)
     return items
 
 

@@ -62,11 +62,12 @@ def new_record(cfg, overrides) -> dict:
 
 
 def data_summary(dataset) -> dict:
-    """Classes (or findings), split sizes, skipped files; multi-label: each split's count of
-    positive, negative and unknown labels per finding (what data.uncertain and data.blank change)."""
+    """Classes (or findings), split sizes, skipped files, how patients were told (cxr.data.splits);
+    multi-label: each split's count of positive, negative and unknown labels per finding (what
+    data.uncertain and data.blank change)."""
     summary = {"classes": dataset.classes, "multilabel": dataset.multilabel, "train": len(dataset.train),
                "val": len(dataset.val), "test": len(dataset.test), "skipped_files": len(dataset.skipped),
-               "skipped": dataset.skipped, "root": str(dataset.root)}
+               "skipped": dataset.skipped, "root": str(dataset.root), "patients": dataset.patients}
     if dataset.multilabel:
         summary["label_counts"] = {name: label_counts(split, dataset.classes) for name, split in
                                    (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}

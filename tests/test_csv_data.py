@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.data import DataError, load_dataset, subset
+from cxr.data import DataError, load_dataset, patient_id, subset
 from cxr.predict import main as predict_main
 from cxr.train import run, run_safely
 from tests.conftest import REPO
@@ -171,6 +171,43 @@ def test_item4_csv_val_rows_are_used_not_dropped(drawn, make_cfg, tmp_path, capl
     for split in ("train", "val", "test"):
         assert data[split] == sum(row["Split"] == split and row["Image"] != str(broken) for row in on_disk)
     assert any("val rows" in record.getMessage() for record in caplog.records)
+
+
+def test_item5_per_image_patients_warn_once_and_are_recorded_in_result_json(drawn, make_cfg, tmp_path, caplog):
+    """Issue 20 item 5: with no patient column and file names cxr does not know (upper_00.png),
+    each image is its own patient: said once in a warning and in result.json's data.patients."""
+    path, rows = drawn
+    table = ("data=csv", f"data.csv={path}", "data.path_column=Image", "data.label_column=Class", "debug=smoke")
+    cfg = make_cfg(*table, "model.weights=null", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        assert run(cfg, tmp_path / "run", overrides=[])["status"] == "ok"
+    data = json.loads((tmp_path / "run" / "result.json").read_text())["data"]
+    assert data["patients"] == "per image"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "patient" in r.getMessage()]
+    assert len(warnings) == 1 and f"{len(rows)} of {len(rows)} images" in warnings[0], warnings
+    # the drawn CSV's patient column names them instead, and nothing is said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        dataset = load_dataset(make_cfg(*table, "data.patient_column=Patient").data)
+    assert dataset.patients == "column Patient" and not caplog.records
+
+
+def test_item5_per_image_patients_are_one_per_image_whatever_their_file_names():
+    # the same file name in two class folders is two images, so two patients (the file stem made them one)
+    first, how = patient_id("/data/NORMAL/0001.png")
+    second, _ = patient_id("/data/PNEUMONIA/0001.png")
+    assert how == "per image" and first != second
+
+
+def test_item5_an_empty_patient_cell_is_one_line(tmp_path, make_cfg):
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("L", (40, 40)).save(tmp_path / name)
+    write_csv(tmp_path / "t.csv", ["Path", "Label", "Patient"], [("a.png", "x", "p1"), ("b.png", "y", ""),
+                                                                   ("c.png", "y", "p2")])
+    cfg = make_cfg("data=csv", f"data.csv={tmp_path / 't.csv'}", "data.patient_column=Patient")
+    with pytest.raises(DataError) as error:
+        load_dataset(cfg.data)
+    assert "line 3: empty patient cell in column Patient" in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("rows, overrides, expected", [

@@ -27,6 +27,7 @@ class Dataset:
     train: Split
     val: Split
     test: Split
+    patients: str  # how each image's patient was told (cxr.data.splits.Patients.source)
 
     @property
     def multilabel(self) -> bool:
@@ -78,6 +79,7 @@ def load_dataset(data_cfg) -> Dataset:
     listing = LAYOUTS[data_cfg.layout](data_cfg)
     items = dict(listing.items)
     if not items["val"]:  # the layout's own validation: none, or set aside (the folders' val/)
+        listing.patients.warn_if_per_image()  # here, so once: a table's test is carved only when val is too
         items["train"], items["val"] = split_by_patient(items["train"], data_cfg.val_fraction,
                                                         data_cfg.split_seed, listing.patient_of)
     cache_dir = Path(data_cfg.cache_dir).expanduser() / "decoded"
@@ -88,7 +90,7 @@ def load_dataset(data_cfg) -> Dataset:
         if len(splits[name]) == 0:
             raise DataError(f"no readable images in {listing.where(name)}")
     check_train_labels(listing, splits["train"])
-    dataset = Dataset(listing.root, listing.classes, **splits)
+    dataset = Dataset(listing.root, listing.classes, **splits, patients=listing.patients.source)
     if dataset.skipped:
         log.warning("skipped %d unreadable file(s): %s", len(dataset.skipped), ", ".join(dataset.skipped))
     return dataset

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr.data.errors import DataError
-from cxr.data.splits import patient_id, split_by_patient
+from cxr.data.splits import CHEXPERT_PATH, COLUMN, FILE_NAME, Patients, split_by_patient
 from cxr.data.tables import (
     Rows,
     chosen_findings,
@@ -45,8 +45,12 @@ class Listing:
     root: Path
     classes: list[str]
     items: dict[str, list[tuple[str, int]]]
-    patient_of: Callable[[str], str] = patient_id
+    patients: Patients  # of the images validation (or test) may be carved from
     csv: Path | None = None  # the CSV the items came from (None: class folders)
+
+    @property
+    def patient_of(self) -> Callable[[str], str]:
+        return self.patients.of.__getitem__
 
     @property
     def multilabel(self) -> bool:
@@ -119,7 +123,10 @@ def index_folders(data_cfg) -> Listing:
     items = {"train": list_files(root / "train", classes),
              "val": list_files(root / "val", classes) if official else [],
              "test": list_files(root / "test", classes)}
-    return Listing(root, classes, items)
+    patients = Patients()  # train's: validation is carved from it
+    for path, _ in items["train"]:
+        patients.add(path)
+    return Listing(root, classes, items, patients)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,36 +152,38 @@ def check_files(located: dict[str, int], root: Path, source: str) -> None:
 
 
 def table_listing(data_cfg, rows: Rows, root: Path, classes: list[str], label_of, source: str,
-                  has_splits: bool, table: Path, chexpert: bool = False) -> Listing:
-    """The rows as (path, label) items per split, each image once, with its patient (`chexpert`:
-    from CheXpert's patient folder in the path).
+                  has_splits: bool, table: Path, patient_rule: str = FILE_NAME) -> Listing:
+    """The rows as (path, label) items per split, each image once, with its patient (told by
+    cxr.data.splits.patient_id under `patient_rule`).
 
     Items are sorted by (label, path) as `list_files` sorts them, so a CSV written from a folder
     layout, in any row order, gives the same splits, cache and batches as the folders themselves.
     """
     items: dict[str, list] = {name: [] for name in SPLITS}
     located: dict[str, int] = {}  # image -> its line
-    patients: dict[str, str] = {}
+    patients = Patients(patient_rule)
     for line, row in rows:
         image = os.path.normpath(os.path.join(root, row["path_column"]))
         if image in located:
             raise DataError(f"{source} line {line}: {image} is listed again (first on line {located[image]})")
         located[image] = line
         items[csv_row_split(row, line, source)].append((image, label_of(row, line)))
-        patients[image] = patient_id(row["path_column"], row.get("patient_column", ""), chexpert)
+        try:
+            patients.add(image, row["path_column"], row.get("patient_column", ""))
+        except ValueError as error:
+            raise DataError(f"{source} line {line}: {error}") from None
     check_files(located, root, source)
     items = {name: sorted(listed, key=lambda item: (item[1], item[0])) for name, listed in items.items()}
-    return Listing(root, classes, table_splits(data_cfg, items, patients.__getitem__, source, has_splits),
-                   patients.__getitem__, table)
+    return Listing(root, classes, table_splits(data_cfg, items, patients, source, has_splits), patients, table)
 
 
-def table_splits(data_cfg, items: dict[str, list], patient_of: Callable[[str], str], source: str,
+def table_splits(data_cfg, items: dict[str, list], patients: Patients, source: str,
                  has_splits: bool) -> dict[str, list]:
     """Train and test as the table says, or test carved by patient; val as the table says when it
     has val rows (a table's own validation is never set aside), else carved from train later."""
     if not has_splits:
         items["train"], items["test"] = split_by_patient(items["train"], data_cfg.test_fraction,
-                                                         data_cfg.split_seed, patient_of)
+                                                         data_cfg.split_seed, patients.of.__getitem__)
     for name in SPLITS:
         if not items[name] and (name != "val" or data_cfg.val_split == "official"):
             fix = (" (data.val_split=official reads them; data.val_split=from_train carves val from train)"
@@ -212,7 +221,9 @@ def index_csv(data_cfg) -> Listing:
                             "data.label_separator); the classes of single-label data are data.classes")
         classes = csv_classes(data_cfg, rows, source)
         label_of = class_labels(classes)
-    return table_listing(data_cfg, rows, root, classes, label_of, source, data_cfg.split_column is not None, path)
+    rule = FILE_NAME if data_cfg.patient_column is None else f"{COLUMN} {data_cfg.patient_column}"
+    return table_listing(data_cfg, rows, root, classes, label_of, source, data_cfg.split_column is not None, path,
+                         rule)
 
 
 NIH_TABLE = "Data_Entry_2017.csv"
@@ -258,7 +269,8 @@ def index_nih(data_cfg) -> Listing:
             row["split_column"] = "test" if name in test_names else "train"
         row["path_column"] = found.get(name, f"images*/{name}")
     classes, label_of = separated_labels(data_cfg, rows, source)
-    return table_listing(data_cfg, rows, root, classes, label_of, source, official_test, table)
+    return table_listing(data_cfg, rows, root, classes, label_of, source, official_test, table,
+                         f"{COLUMN} Patient ID")
 
 
 # CheXpert's columns that are not findings ("No Finding" is the absence of all of them)
@@ -287,7 +299,7 @@ def index_chexpert(data_cfg) -> Listing:
     first = Path(rows[0][1]["path_column"]).parts[0] if rows else ""
     base = root.parent if first == root.name else root  # paths name the dataset's own folder
     return table_listing(data_cfg, rows, base, findings, column_labels(data_cfg, list(finding_columns), source),
-                         source, True, tables["train"], chexpert=True)
+                         source, True, tables["train"], CHEXPERT_PATH)
 
 
 LAYOUTS = {"folders": index_folders, "csv": index_csv, "nih": index_nih, "chexpert": index_chexpert}

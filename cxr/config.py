@@ -94,7 +94,7 @@ class DataConfig:
     csv: str | None = resumable(None)
     path_column: str = "Path"
     label_column: str = "Label"
-    patient_column: str | None = None  # null: the patient from the file name (cxr.data.patient_id)
+    patient_column: str | None = None  # null: the patient from the file name (cxr.data.splits.patient_id)
     split_column: str | None = None  # train|val|test per row; null: test carved by test_fraction
     test_fraction: float = 0.2
     # the class order (the positive class is PNEUMONIA when present, else the last); null: sorted labels

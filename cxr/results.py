@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cxr.config import description
@@ -59,12 +60,14 @@ def new_record(cfg, overrides) -> dict:
 
 
 def data_summary(dataset) -> dict:
-    """Classes (or findings), split sizes, skipped files; multi-label: each split's count of
-    positive, negative and unknown labels per finding (what data.uncertain and data.blank change)."""
+    """Classes (or findings), split sizes, skipped files, how patients were told (cxr.data.splits);
+    multi-label: each split's count of positive, negative and unknown labels per finding (what
+    data.uncertain and data.blank change)."""
     task = dataset.task
     summary = {"classes": dataset.classes, "task": task.kind, "multilabel": task.multilabel,
                "train": len(dataset.train), "val": len(dataset.val), "test": len(dataset.test),
-               "skipped_files": len(dataset.skipped), "skipped": dataset.skipped, "root": str(dataset.root)}
+               "skipped_files": len(dataset.skipped), "skipped": dataset.skipped, "root": str(dataset.root),
+               "patients": dataset.patients}
     if task.multilabel:
         summary["label_counts"] = {name: label_counts(split, dataset.classes) for name, split in
                                    (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
@@ -144,6 +147,6 @@ def _json_safe(value):
         return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, Sequence) and not isinstance(value, str):  # JSON arrays
         return [_json_safe(v) for v in value]
     return value

@@ -69,6 +69,11 @@ class Task:
     def multilabel(self) -> bool:
         return self.kind == "multilabel"
 
+    def stratum(self, label) -> int:
+        """The class an item is balanced by when splits are carved: its class; multi-label items
+        have no one class and form one stratum."""
+        return 0 if self.multilabel else int(label)
+
     @property
     def outputs(self) -> int:
         """Units of the network's output layer."""

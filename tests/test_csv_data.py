@@ -6,6 +6,7 @@ string splitting, splits come from the folder a file lies in, and classes from t
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.data import DataError, load_dataset, subset
+from cxr.data import DataError, load_dataset, patient_id, subset
 from cxr.predict import main as predict_main
+from cxr.task import Task
 from cxr.train import run, run_safely
 from tests.conftest import REPO
 
@@ -60,18 +62,16 @@ def real_csv(shared_data, tmp_path_factory):
 
 def test_real_data_through_csv_matches_the_folders(real_csv, make_cfg, tmp_path):
     path, real, rows = real_csv
-    folders = make_cfg("data=chest_xray", f"data.root={real}", *FAST)
+    # the CSV's val rows are its validation (issue 20 item 4), as val/ is the folders' with val_split=official
+    folders = make_cfg("data=chest_xray", f"data.root={real}", "data.val_split=official", *FAST)
     table = make_cfg("data=csv", f"data.csv={path}", f"data.root={real}", "data.label_column=Finding",
                      "data.patient_column=Patient ID", "data.split_column=Split", *FAST)
     a, b = load_dataset(folders.data), load_dataset(table.data)
     for split in ("train", "val", "test"):
         assert getattr(a, split).paths == getattr(b, split).paths
         assert getattr(a, split).labels.tolist() == getattr(b, split).labels.tolist()
-    # the oracle: test is the test folder, val is carved from train/ alone, no patient on both sides
-    assert sorted(b.test.paths) == sorted(str(real / r[0]) for r in rows if r[3] == "test")
-    assert sorted(b.train.paths + b.val.paths) == sorted(str(real / r[0]) for r in rows if r[3] == "train")
-    patient = {str(real / r[0]): r[2] for r in rows}
-    assert not {patient[p] for p in b.train.paths} & {patient[p] for p in b.val.paths}
+        # the oracle: each split is its folder
+        assert sorted(getattr(b, split).paths) == sorted(str(real / r[0]) for r in rows if r[3] == split)
 
     run(folders, tmp_path / "folders", overrides=[])
     run(table, tmp_path / "csv", overrides=[])
@@ -132,14 +132,83 @@ def test_three_classes_train_end_to_end_with_test_carved_by_patient(drawn, make_
     assert {row["path"]: row["label"] for row in predictions} == {p: predicted[p] for p in dataset.test.paths}
 
 
-def test_official_val_rows_match_the_val_folder(real_csv, make_cfg):
+def test_a_csv_without_val_rows_carves_validation_by_patient_as_the_folders_do(real_csv, make_cfg, tmp_path):
     path, real, rows = real_csv
-    folders = make_cfg("data=chest_xray", f"data.root={real}", "data.val_split=official", *FAST)
-    table = make_cfg("data=csv", f"data.csv={path}", f"data.root={real}", "data.label_column=Finding",
-                     "data.split_column=Split", "data.val_split=official", *FAST)
+    without_val = tmp_path / "train_test.csv"  # what a from_train run of the folders reads: val/ set aside
+    write_csv(without_val, ["Path", "Finding", "Patient ID", "Split"], [r for r in rows if r[3] != "val"])
+    folders = make_cfg("data=chest_xray", f"data.root={real}", *FAST)
+    table = make_cfg("data=csv", f"data.csv={without_val}", f"data.root={real}", "data.label_column=Finding",
+                     "data.patient_column=Patient ID", "data.split_column=Split", *FAST)
     a, b = load_dataset(folders.data), load_dataset(table.data)
-    assert a.val.paths == b.val.paths and a.train.paths == b.train.paths
-    assert sorted(b.val.paths) == sorted(str(real / r[0]) for r in rows if r[3] == "val")
+    for split in ("train", "val", "test"):
+        assert getattr(a, split).paths == getattr(b, split).paths
+    # the oracle: val is carved from the train rows alone, no patient on both sides
+    assert sorted(b.train.paths + b.val.paths) == sorted(str(real / r[0]) for r in rows if r[3] == "train")
+    patient = {str(real / r[0]): r[2] for r in rows}
+    assert not {patient[p] for p in b.train.paths} & {patient[p] for p in b.val.paths}
+
+
+def test_item4_csv_val_rows_are_used_not_dropped(drawn, make_cfg, tmp_path, caplog):
+    """Issue 20 item 4: a CSV's val rows are its validation split (with data.val_split=from_train,
+    the default, they were dropped without a word), so result.json's counts add up to the CSV's
+    rows minus the unreadable files it lists as skipped."""
+    _, drawn_rows = drawn
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    # by patient (p<class>-<0..9>): 0-5 train, 6-7 val, 8-9 test
+    split_of = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    rows = [(image, name, who, split_of[int(who.split("-")[1])]) for image, name, who in drawn_rows]
+    rows.append((str(broken), "upper", "p0-7", "val"))
+    write_csv(tmp_path / "table.csv", ["Image", "Class", "Patient", "Split"], rows)
+    cfg = make_cfg("data=csv", f"data.csv={tmp_path / 'table.csv'}", "data.path_column=Image",
+                   "data.label_column=Class", "data.patient_column=Patient", "data.split_column=Split",
+                   "debug=smoke", "model.weights=null", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    with caplog.at_level(logging.INFO, logger="cxr"):
+        assert run(cfg, tmp_path / "run", overrides=[])["status"] == "ok"
+    data = json.loads((tmp_path / "run" / "result.json").read_text())["data"]
+    on_disk = read_rows(tmp_path / "table.csv")
+    assert data["skipped"] == [str(broken)] and data["skipped_files"] == 1
+    assert data["train"] + data["val"] + data["test"] == len(on_disk) - data["skipped_files"] == 90
+    for split in ("train", "val", "test"):
+        assert data[split] == sum(row["Split"] == split and row["Image"] != str(broken) for row in on_disk)
+    assert any("val rows" in record.getMessage() for record in caplog.records)
+
+
+def test_item5_per_image_patients_warn_once_and_are_recorded_in_result_json(drawn, make_cfg, tmp_path, caplog):
+    """Issue 20 item 5: with no patient column and file names cxr does not know (upper_00.png),
+    each image is its own patient: said once in a warning and in result.json's data.patients."""
+    path, rows = drawn
+    table = ("data=csv", f"data.csv={path}", "data.path_column=Image", "data.label_column=Class", "debug=smoke")
+    cfg = make_cfg(*table, "model.weights=null", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        assert run(cfg, tmp_path / "run", overrides=[])["status"] == "ok"
+    data = json.loads((tmp_path / "run" / "result.json").read_text())["data"]
+    assert data["patients"] == "per image"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "patient" in r.getMessage()]
+    assert len(warnings) == 1 and f"{len(rows)} of {len(rows)} images" in warnings[0], warnings
+    # the drawn CSV's patient column names them instead, and nothing is said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        dataset = load_dataset(make_cfg(*table, "data.patient_column=Patient").data)
+    assert dataset.patients == "column Patient" and not caplog.records
+
+
+def test_item5_per_image_patients_are_one_per_image_whatever_their_file_names():
+    # the same file name in two class folders is two images, so two patients (the file stem made them one)
+    first, how = patient_id("/data/NORMAL/0001.png")
+    second, _ = patient_id("/data/PNEUMONIA/0001.png")
+    assert how == "per image" and first != second
+
+
+def test_item5_an_empty_patient_cell_is_one_line(tmp_path, make_cfg):
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("L", (40, 40)).save(tmp_path / name)
+    write_csv(tmp_path / "t.csv", ["Path", "Label", "Patient"], [("a.png", "x", "p1"), ("b.png", "y", ""),
+                                                                   ("c.png", "y", "p2")])
+    cfg = make_cfg("data=csv", f"data.csv={tmp_path / 't.csv'}", "data.patient_column=Patient")
+    with pytest.raises(DataError) as error:
+        load_dataset(cfg.data)
+    assert "line 3: empty patient cell in column Patient" in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("rows, overrides, expected", [
@@ -166,7 +235,7 @@ def test_limit_just_below_the_size_keeps_every_class():
     # 66 items of 3 classes cut to 64 leaves out 2, fewer than the classes: scikit-learn's
     # stratified split refuses that, and data.limit=64 (debug=smoke) hit it on small CSVs
     items = [(f"{k:02d}.png", k // 22) for k in range(66)]
-    chosen = subset(items, 64, seed=0)
+    chosen = subset(items, 64, seed=0, task=Task.of(["a", "b", "c"], multilabel=False))
     assert len(chosen) == 64 and {label for _, label in chosen} == {0, 1, 2}
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cxr import results
 from cxr.data import DataError, load_dataset
 from cxr.predict import main as predict_main
 from cxr.task import Task
@@ -96,6 +97,36 @@ def chexpert_root(tmp_path_factory):
         with open(root / f"{split}.csv", "w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
     return root
+
+
+@pytest.mark.parametrize("layout, expected", [("folders", "file name pattern"), ("nih", "column Patient ID"),
+                                              ("chexpert", "CheXpert path")])
+def test_item5_the_patient_source_is_recorded(make_cfg, nih_root, chexpert_root, layout, expected):
+    overrides = {"folders": [], "nih": ["data=nih", f"data.root={nih_root}"],
+                 "chexpert": ["data=chexpert", f"data.root={chexpert_root}"]}[layout]
+    dataset = load_dataset(make_cfg(*overrides, "data.image_size=32").data)
+    assert results.data_summary(dataset)["patients"] == expected
+
+
+def test_item5_a_chexpert_path_without_its_patient_folder_is_one_line(make_cfg, tmp_path):
+    """A failed match fell back to the file stem: every view1_frontal.jpg one patient."""
+    root = tmp_path / "CheXpert-v1.0-small"
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", *CHEXPERT_FINDINGS]
+    folders_of = {"train": ["patient00001", "patient00002", "p3", "patient00004"], "valid": ["patient00009"]}
+    for split, folders in folders_of.items():
+        rows = []
+        for folder in folders:
+            path = f"CheXpert-v1.0-small/{split}/{folder}/study1/view1_frontal.jpg"
+            (tmp_path / path).parent.mkdir(parents=True)
+            Image.new("L", (40, 40)).save(tmp_path / path)
+            rows.append([path, "Male", 60, "Frontal", "PA", "", "1.0", "0.0", ""])
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    with pytest.raises(DataError) as error:
+        load_dataset(make_cfg("data=chexpert", f"data.root={root}", "data.image_size=32").data)
+    message = str(error.value)
+    assert "line 4: no patient folder (patientNNNNN) in path 'CheXpert-v1.0-small/train/p3/study1/" in message
+    assert "\n" not in message
 
 
 def chexpert_cells(root, split: str, frontal_only: bool) -> list[list[str]]:

@@ -62,7 +62,8 @@ def test_tensorboard_lr_follows_warmup_then_cosine(recipe_run):
     lrs = events.Scalars("train/lr")
     assert [e.step for e in lrs] == list(range(1, 13))
     assert [e.value for e in lrs] == pytest.approx([1e-4 * f for f in FACTORS], rel=1e-5)
-    assert read_result(recipe_run)["scheduler"] == {"name": "cosine", "warmup_steps": 3}
+    assert read_result(recipe_run)["scheduler"] == {"name": "cosine", "warmup_steps": 3, "min_lr_scale": 0.0,
+                                                    "step_epochs": 10, "gamma": 0.1}
 
 
 def test_resumed_mid_schedule_ends_identical(recipe_run, make_cfg, tmp_path, monkeypatch):

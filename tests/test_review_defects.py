@@ -99,12 +99,19 @@ def kaggle_names(patients: int, seed: int = 0) -> list[tuple[str, int]]:
     return items
 
 
+BINARY = Task.of(["NORMAL", "PNEUMONIA"], multilabel=False)
+
+
+def kaggle_patient(path: str) -> str:
+    return patient_id(path)[0]
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.15, 0.2, 0.3, 0.4, 0.7])
 def test_defect4_val_fraction_is_honoured_per_class_and_by_patient(fraction):
     items = kaggle_names(600)
-    train, val = split_by_patient(items, fraction, seed=0)
+    train, val = split_by_patient(items, fraction, seed=0, patient_of=kaggle_patient, task=BINARY)
     assert sorted(train + val) == sorted(items)
-    assert not {patient_id(p) for p, _ in train} & {patient_id(p) for p, _ in val}
+    assert not {kaggle_patient(p) for p, _ in train} & {kaggle_patient(p) for p, _ in val}
     for label in (0, 1):
         share = sum(y == label for _, y in val) / sum(y == label for _, y in items)
         assert abs(share - fraction) <= 0.02, (label, share)
@@ -112,7 +119,8 @@ def test_defect4_val_fraction_is_honoured_per_class_and_by_patient(fraction):
 
 def test_defect4_val_fraction_on_the_embedded_data(make_cfg, embedded_root):
     items = list_files(resolve_root(embedded_root) / "train", ["NORMAL", "PNEUMONIA"])
-    train, val = split_by_patient(items, make_cfg("data.val_fraction=0.2").data.val_fraction, seed=0)
+    train, val = split_by_patient(items, make_cfg("data.val_fraction=0.2").data.val_fraction, seed=0,
+                                  patient_of=kaggle_patient, task=BINARY)
     assert abs(len(val) / len(items) - 0.2) <= 0.02
 
 
@@ -197,11 +205,12 @@ def test_defect9_hparams_table_opens_on_what_the_sweep_varies(tmp_path):
 
 
 def test_patient_ids_of_the_kaggle_names():
-    assert patient_id("/x/IM-0001-0001.jpeg") == "IM-0001"
-    assert patient_id("/x/NORMAL2-IM-1427-0001.jpeg") == "NORMAL2-IM-1427"
-    assert patient_id("/x/person1_bacteria_1.jpeg") == patient_id("/x/person1_virus_7.jpeg") == "PERSON1"
+    assert patient_id("/x/IM-0001-0001.jpeg") == ("IM-0001", "file name pattern")
+    assert patient_id("/x/NORMAL2-IM-1427-0001.jpeg") == ("NORMAL2-IM-1427", "file name pattern")
+    assert patient_id("/x/person1_bacteria_1.jpeg") == patient_id("/x/person1_virus_7.jpeg") == \
+        ("PERSON1", "file name pattern")
     assert patient_id("/x/person10_virus_35.jpeg") != patient_id("/x/person1_virus_35.jpeg")
-    assert patient_id("/x/scan-42.png") == "scan-42"
+    assert patient_id("/x/scan-42.png") == ("/x/scan-42.png", "per image")  # a name no pattern knows
 
 
 def test_nested_copy_and_macosx_are_never_read(tmp_path, embedded_root):

@@ -46,7 +46,7 @@ from cxr.runtime import pick_device
 HELP = "the GPU check: trainer img/s per precision, the seed-scale sweep packed 1/2/4 per GPU and frozen, in --budget-s"
 _VARIANTS = tuple(head_variants())
 FULL = Scale(224, 5216, 624, 32, 2048, 3, 2, 20, (1, 2, 4), _VARIANTS)
-QUICK = Scale(64, 64, 32, 8, 8, 1, 1, 2, (1, 2), (_VARIANTS[0], _VARIANTS[-1]))
+QUICK = Scale(32, 48, 16, 8, 8, 1, 1, 2, (1, 2), (_VARIANTS[0], _VARIANTS[-1]))
 GENERATED_HEIGHTS = (160, 640)  # the embedded dataset's sizes: cheap to draw, still decoded down to 224 px
 # the trainer's precision variants: name -> (trainer.amp, trainer.channels_last, torch.compile)
 TRAINER_VARIANTS = {"fp32": ("off", False, False), "bf16": ("bf16", False, False),

@@ -23,7 +23,7 @@ from cxr.bench.timing import machine, publish, show, side_by_side
 from cxr.data import find_classes
 from cxr.decoding import load_split
 from cxr.engine import autocast
-from cxr.runtime import cpu_threads
+from cxr.runtime import cpu_threads, pick_device
 
 HELP = "a bare forward/backward/step loop vs the real trainer: same network, batches and precision (img/s)"
 TRAINABLE = {"whole": "false", "head": "true"}  # --trainable -> model.freeze_backbone
@@ -104,6 +104,7 @@ def measure(epoch: TrainerEpoch, repeats: int) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     scale = scale_of(args, FULL, QUICK)
+    pick_device(args.device)  # a device this machine lacks: one line before any work
     with work_folder(args.work, "train") as work:
         cfg = compose_train([f"data.image_size={scale.size}", f"data.cache_dir={work.path / 'cache'}",
                              "model.weights=null", f"model.freeze_backbone={TRAINABLE[args.trainable]}",

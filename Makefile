@@ -32,11 +32,17 @@ test: install  ## the fast suite: under 4 minutes on 2 cores
 test-all: install  ## everything, the slow end-to-end checks too (CI runs this)
 	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
-bench: install
-	$(PY) -m cxr.bench $(ARGS)
+bench: install  ## every suite into outputs/bench/<suite>.json: make bench ARGS="--quick" (docs/benchmark.md)
+	$(PY) -m cxr.bench all $(ARGS)
 
-gpu-check: install  ## the one script to run on a GPU machine: outputs/bench/gpu_suite.json (README)
-	$(PY) -m cxr.bench --gpu-suite $(ARGS)
+# The GPU check (docs/gpu-check.md): outputs/bench/gpu.json. No `install`: a GPU host often has
+# torch but no network, so it runs on the host's own Python (this venv's where there is one, else
+# python3; or PY=...) with the Hydra wheels of `make wheels` carried in .whl/, unpacked into
+# .whl/site (pure-Python wheels: unzipping is installing them, no pip or network needed)
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:  ## make gpu-check [PY=python3] [ARGS="--budget-s 480"]
+	@for wheel in $(wildcard .whl/*.whl); do $(GPU_PY) -m zipfile -e $$wheel .whl/site || exit 1; done
+	PYTHONPATH=$(CURDIR)/.whl/site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m cxr.bench gpu $(ARGS)
 
 # Hydra as pure-Python wheels in .whl/ (git-ignored), the versions installed here, for a GPU
 # machine that has torch but neither Hydra nor a network (antlr4's 4.9.3 is built from its sdist)

@@ -126,7 +126,8 @@ def test_defect4_val_fraction_on_the_embedded_data(make_cfg, embedded_root):
 
 # 5 is checked where torchrun runs: tests/test_scale.py::test_defect5_*
 
-# 6 is checked where the benchmark runs: tests/test_bench.py::test_defect6_*
+# 6 is checked where the benchmark runs: tests/test_bench.py::test_sweep_section_agrees_with_its_jobs_files
+# (the frozen figure is a real sweep) and ::test_loader_passes_each_read_every_image
 
 
 # 7 -------------------------------------------------------------------------------------------

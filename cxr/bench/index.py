@@ -83,7 +83,8 @@ def measure(work: Path, scale: Scale) -> dict:
         print(f"index  {name:12s} {scale.rows} rows: " + ", ".join(f"{t:.2f}" for t in seconds)
               + f" s (median {report[f'{name}_s']:.2f})", flush=True)
     listing = index()
-    report["val_carve_s"] = timed(partial(split_by_patient, listing.items["train"], 0.1, 0, listing.patient_of), cpu)
+    carve = partial(split_by_patient, listing.items["train"], 0.1, 0, listing.patient_of, listing.task)
+    report["val_carve_s"] = timed(carve, cpu)
     report["items"] = {split: len(items) for split, items in listing.items.items()}
     return report
 

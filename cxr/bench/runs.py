@@ -22,6 +22,7 @@ from cxr import results
 from cxr.config import CONF_DIR, effective, register_configs, validate
 from cxr.decoding import Split
 from cxr.runtime import Runtime, start
+from cxr.task import Task
 from cxr.training import Training, build_training
 
 REPO = Path(CONF_DIR).parent
@@ -90,7 +91,7 @@ def trainer_epoch(cfg, split: Split, classes: list[str], compile_model: bool = F
     training is timed), built by cxr.training on the runtime cxr.runtime.start gives."""
     runtime = start(cfg.trainer, cfg.seed, cfg.jobs_per_gpu)
     split = split.to(runtime.device)
-    training = build_training(cfg, [split, split, split], classes, runtime)
+    training = build_training(cfg, [split, split, split], Task.of_labels(classes, split.labels), runtime)
     fed = Fed(training.view.prepare)
     training.view.prepare = fed
     module = runtime.wrap(training.view.module, compile_model)

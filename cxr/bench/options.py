@@ -16,8 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _is_list(value) -> bool:
+    """A scale field holding several values (jobs per GPU: 1,2,4), given as a comma list."""
+    return type(value) is tuple
+
+
 def _show(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return ",".join(map(str, value)) if _is_list(value) else str(value)
 
 
 def _list_of(kind: type):
@@ -28,7 +33,7 @@ def add_scale(parser: argparse.ArgumentParser, full, quick, helps: dict[str, str
     """An option per field of the scale dataclass, its help naming both defaults."""
     for field in dataclasses.fields(full):
         default, small = getattr(full, field.name), getattr(quick, field.name)
-        kind = _list_of(type(default[0])) if isinstance(default, tuple) else type(default)
+        kind = _list_of(type(default[0])) if _is_list(default) else type(default)
         parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
                             help=f"{helps[field.name]} (default {_show(default)}; --quick {_show(small)})")
 

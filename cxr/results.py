@@ -82,6 +82,21 @@ def split_metrics(split: str, loss: float, metrics: dict) -> dict:
     return {f"{split}/loss": loss, **{f"{split}/{name}": metrics[name] for name in names}}
 
 
+def tested(task, labels, probs, threshold, loss: float, resamples: int) -> dict:
+    """What result.json reports of a test split scored at `threshold` (chosen on validation): its
+    `test/...` metrics, their bootstrap intervals, the confusion matrix, the majority rate, the
+    findings a macro mean averages (multi-label), and the warnings of a result that means nothing.
+    One function for every tool that tests a model (cxr.train, cxr.evaluate)."""
+    return {
+        "threshold": threshold,
+        "metrics": {**split_metrics("test", loss, task.metrics(labels, probs, threshold)),
+                    **at_reference_threshold(task.metrics(labels, probs, task.reference_threshold))},
+        "intervals": {f"test/{k}": v for k, v in task.intervals(labels, probs, threshold, resamples, seed=0).items()},
+        "confusion": task.confusion(labels, probs, threshold), "majority_rate": task.majority_rate(labels),
+        "macro_findings": task.macro_findings(labels), "warnings": task.warnings(labels, probs, threshold),
+    }
+
+
 def at_reference_threshold(metrics: dict) -> dict:
     """Test accuracy and balanced accuracy at the reference's fixed 0.5 threshold, reported beside
     those at the threshold chosen on validation, so that its table can still be compared."""

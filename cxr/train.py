@@ -169,19 +169,12 @@ def complete(record: dict, state: TrainingState, threshold: float, test_loss: fl
              labels: np.ndarray, task: Task, cfg) -> None:
     """The record of a finished run: the best epoch's train/val metrics, the test split's once."""
     best_row = state.history[state.best_epoch - 1]
-    warnings = task.warnings(labels, probs, threshold)
-    for warning in warnings:
+    tested = results.tested(task, labels, probs, threshold, test_loss, cfg.trainer.bootstrap)
+    for warning in tested["warnings"]:
         log.warning("%s: the model has not learned to tell the classes apart", warning)
-    record.update(
-        status=results.OK, best_epoch=state.best_epoch, stopped_epoch=state.stopped_epoch, threshold=threshold,
-        metrics={**{k: v for k, v in best_row.items() if k != "epoch"},
-                 **results.split_metrics("test", test_loss, task.metrics(labels, probs, threshold)),
-                 **results.at_reference_threshold(task.metrics(labels, probs, task.reference_threshold))},
-        confusion=task.confusion(labels, probs, threshold), majority_rate=task.majority_rate(labels),
-        macro_findings=task.macro_findings(labels),
-        warnings=warnings, intervals={f"test/{k}": v for k, v in task.intervals(
-            labels, probs, threshold, cfg.trainer.bootstrap, seed=0).items()},
-        history=state.history, hparams=hparams_of(cfg))
+    record.update(tested, status=results.OK, best_epoch=state.best_epoch, stopped_epoch=state.stopped_epoch,
+                  metrics={**{k: v for k, v in best_row.items() if k != "epoch"}, **tested["metrics"]},
+                  history=state.history, hparams=hparams_of(cfg))
 
 
 def write_test_predictions(output_dir: Path, paths: list[str], probs: np.ndarray, labels: np.ndarray,

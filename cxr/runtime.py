@@ -1,4 +1,5 @@
-"""Where and how a run executes: device, mixed precision, seeding, torchrun, stop signals.
+"""Where and how a run executes: device, mixed precision, seeding, torchrun, stop signals, the
+GPU slot a launcher's worker process keeps.
 
 Nothing here knows about models or data; `train.py` starts a `Runtime` once and hands its parts
 to the functions that need them.

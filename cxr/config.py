@@ -166,6 +166,9 @@ class TrainerConfig:
     patience: int | None = described(None)
     monitor: str = described("val/auroc")  # metric that picks best.pt (cxr.engine.MONITORS)
     threshold: str = described("0.5")  # 0.5 (or any number in (0,1)) | youden: chosen on validation
+    # deterministic algorithms, cuDNN autotuning off: a resumed run ends with exactly the metrics of
+    # an uninterrupted one on the CPU; on a GPU up to the CUDA kernels that have no deterministic
+    # version (cross-entropy, average pooling's backward), which run with a warning (cxr.runtime)
     deterministic: bool = False
     resume: bool = resumable(False)
     # keep last.pt after a run ends ok, so that `trainer.resume=true trainer.epochs=N+k` can extend
@@ -231,11 +234,45 @@ def rank_dir(path: str) -> str:
     return path if rank == 0 else os.path.join(tempfile.gettempdir(), f"cxr-rank{rank}-{os.getpid()}")
 
 
-def gpu_jobs(jobs_per_gpu: int) -> int:
-    """Jobs side by side on this machine: n_jobs of conf/hydra/launcher/per_gpu.yaml."""
+def machine_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or a cgroup's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine_gpus() -> int:
     import torch  # here, not at the top: composing a config does not need torch otherwise
 
-    return max(1, torch.cuda.device_count()) * int(jobs_per_gpu)
+    return torch.cuda.device_count()
+
+
+def gpu_jobs(jobs_per_gpu: int) -> int:
+    """Jobs side by side on this machine: n_jobs of conf/hydra/launcher/per_gpu.yaml."""
+    return max(1, machine_gpus()) * int(jobs_per_gpu)
+
+
+def ray_job_cpus(instance_cpus: int) -> int:
+    """CPUs a Ray job asks for (conf/hydra/launcher/ray_local.yaml): 4, at most the instance's."""
+    return max(1, min(4, int(instance_cpus)))
+
+
+def ray_job_gpus(instance_gpus: int, jobs_per_gpu: int) -> float:
+    """GPUs a Ray job asks for: 1 / jobs_per_gpu (packing), or none where the instance has none."""
+    return 1 / int(jobs_per_gpu) if instance_gpus else 0
+
+
+def ray_unschedulable(remote: dict, instance: dict) -> str | None:
+    """Why a Ray job asking for `remote` (num_cpus, num_gpus; Ray's defaults 1 and 0) can never
+    start on a one-node Ray instance of `instance` resources: one line naming what to set, or None.
+    (Ray would keep such a job pending for ever, printing "No available node types can fulfill
+    resource request".)"""
+    for resource, unit, default in (("num_cpus", "CPU", 1), ("num_gpus", "GPU", 0)):
+        asked = default if remote.get(resource) is None else remote[resource]
+        has = instance[resource]
+        if asked > has:
+            return (f"each Ray job asks for {asked} {unit}(s) (hydra.launcher.ray.remote.{resource}) but the "
+                    f"Ray instance has {has} (hydra.launcher.ray.init.{resource}): set "
+                    f"hydra.launcher.ray.remote.{resource}={has}")
+    return None
 
 
 def register_configs() -> None:
@@ -246,6 +283,10 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("cxr_slug", slug, replace=True)
     OmegaConf.register_new_resolver("cxr_rank_dir", rank_dir, replace=True)
     OmegaConf.register_new_resolver("cxr_gpu_jobs", gpu_jobs, replace=True)
+    OmegaConf.register_new_resolver("cxr_machine_cpus", machine_cpus, replace=True)
+    OmegaConf.register_new_resolver("cxr_machine_gpus", machine_gpus, replace=True)
+    OmegaConf.register_new_resolver("cxr_ray_job_cpus", ray_job_cpus, replace=True)
+    OmegaConf.register_new_resolver("cxr_ray_job_gpus", ray_job_gpus, replace=True)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -72,8 +72,10 @@ def train_one_epoch(model, optimizer, batches: Iterable, task: Task, *, device: 
 
     With accumulate_steps=k the gradients of k batches are summed, each loss divided by the
     number of batches in its group (k, or fewer in the epoch's last group, which `total` tells),
-    so k batches of b images step as one batch of k x b would. The scheduler steps after each
-    optimizer step.
+    so k batches of b images step as one batch of k x b would; under DDP only a group's last batch
+    all-reduces them. The scheduler steps after each optimizer step the fp16 scaler did not skip.
+    `should_stop` is asked once after every batch (under torchrun, by every rank together): the
+    epoch ends there, without stepping on a partial group.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -87,15 +89,17 @@ def train_one_epoch(model, optimizer, batches: Iterable, task: Task, *, device: 
     for step, (x, labels) in enumerate(bar, start=1):
         group_end = min(total or math.inf, math.ceil(step / accumulate_steps) * accumulate_steps)
         group_size = group_end - (math.ceil(step / accumulate_steps) - 1) * accumulate_steps
-        with autocast(device, amp_dtype):
-            logits = model(x)
-            loss = task.loss(logits, labels, pos_weight)
-        backward(loss / group_size, scaler)
-        if step == group_end or should_stop():
-            lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer_step(model, optimizer, scaler, grad_clip)
-            if scheduler is not None:
-                scheduler.step()
+        with gradient_sync(model, step == group_end):
+            with autocast(device, amp_dtype):
+                logits = model(x)
+                loss = task.loss(logits, labels, pos_weight)
+            backward(loss / group_size, scaler)
+        if step == group_end:
+            lr = optimizer.param_groups[0]["lr"]
+            if optimizer_step(model, optimizer, scaler, grad_clip):
+                lrs.append(lr)
+                if scheduler is not None:
+                    scheduler.step()
         right, counted = task.correct(logits.detach(), labels)
         loss_sum += loss.detach() * counted
         correct += right
@@ -112,25 +116,39 @@ def train_one_epoch(model, optimizer, batches: Iterable, task: Task, *, device: 
     return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(), "lrs": lrs}
 
 
+def gradient_sync(model, sync: bool):
+    """The block of a micro-batch's forward and backward: DDP all-reduces the gradients in every
+    backward unless inside its no_sync() (which must hold the forward too), so the batches of an
+    accumulation group that do not step skip it, and the group's last all-reduces their sum."""
+    if sync or not hasattr(model, "no_sync"):
+        return nullcontext()
+    return model.no_sync()
+
+
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     """Gradients of `loss` added to those already held (fp16: of the scaled loss)."""
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-def optimizer_step(model, optimizer, scaler: torch.amp.GradScaler | None, grad_clip: float | None) -> None:
-    """One step on the summed gradients, then clear them. fp16: unscale before clipping, so the
-    clip sees true norms; the scaler skips the step when a gradient overflowed."""
+def optimizer_step(model, optimizer, scaler: torch.amp.GradScaler | None, grad_clip: float | None) -> bool:
+    """One step on the summed gradients, then clear them; whether the parameters moved. fp16:
+    unscale before clipping, so the clip sees true norms; the scaler skips the step when a
+    gradient overflowed, and says so by lowering its scale (the PyTorch AMP recipe's test)."""
+    stepped = True
     if scaler is not None:
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        stepped = scaler.get_scale() >= scale
     else:
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return stepped
 
 
 def _check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> None:
@@ -143,15 +161,18 @@ def _check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> Non
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable, task: Task, *, device: torch.device,
-             amp_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss (`Task.mean_loss`), probabilities (N, C) and labels (N,) or (N, K), gathered from all ranks."""
+def evaluate(model, batches: Iterable, task: Task, *, device: torch.device) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss (`Task.mean_loss`), probabilities (N, C) and labels (N,) or (N, K), gathered from all ranks.
+
+    In float32, whatever trainer.amp trains in: these probabilities pick the best epoch and the
+    threshold and give the test metrics, so they are those of the network cxr.predict runs
+    (float32). Under bf16 autocast they would take a few hundred distinct values (ties in AUROC,
+    a coarse threshold grid) and differ from predict's near the threshold.
+    """
     model.eval()
     probs, labels = [], []
     for x, y in batches:
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        probs.append(task.probabilities(logits))
+        probs.append(task.probabilities(model(x)))
         labels.append(y)
     probs_t = torch.cat(probs) if probs else torch.zeros(0, 0, device=device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)

@@ -52,9 +52,10 @@ def new_record(cfg, overrides) -> dict:
         # stopped_epoch: the last epoch trained when trainer.patience stopped the run early, else null
         "metrics": {}, "epochs": cfg.trainer.epochs, "best_epoch": None, "stopped_epoch": None,
         "device": None, "warnings": [], "time": {},
-        # the most memory the run's tensors held on its GPU (MiB; null off CUDA): what packing
-        # several sweep jobs on one GPU must fit
-        "peak_gpu_memory_mb": None,
+        # MiB on its GPU (null off CUDA; cxr.runtime.gpu_memory_mb): peak_allocated (its tensors),
+        # peak_reserved (the caching allocator's), cuda_context_estimate (outside the allocator);
+        # a packed job needs peak_reserved + cuda_context_estimate
+        "gpu_memory_mb": None,
     })
     return record
 

@@ -26,11 +26,20 @@ from omegaconf import DictConfig, OmegaConf
 from cxr import results
 from cxr.batches import epoch_augment
 from cxr.checkpoint import BEST, LAST, CheckpointError, Checkpoints
-from cxr.config import CONF_DIR, ConfigError, effective, register_configs, validate
+from cxr.config import (
+    CONF_DIR,
+    ConfigError,
+    effective,
+    machine_cpus,
+    machine_gpus,
+    ray_unschedulable,
+    register_configs,
+    validate,
+)
 from cxr.data import DataError, load_dataset
 from cxr.engine import MONITORS, NonFiniteLossError, TrainingState, evaluate
 from cxr.model import WeightsError
-from cxr.runtime import DeviceError, Runtime, StopSignals, cpu_threads, device_name, start, sweep_job_device
+from cxr.runtime import DeviceError, Runtime, StopSignals, claim_gpu_slot, cpu_threads, device_name, slot_device, start
 from cxr.schedule import scheduled_lr
 from cxr.task import Task
 from cxr.tensorboard import RunBoard, hparams_of
@@ -89,12 +98,12 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
         threshold = checkpoints.load_best()
         test_loss, probs, labels = evaluate(trained, view.eval_inputs(view.test, cfg.trainer.eval_batch_size,
                                                                       runtime.rank, runtime.world),
-                                            task, device=runtime.device, amp_dtype=runtime.amp_dtype)
+                                            task, device=runtime.device)
     complete(record, state, threshold, test_loss, probs, labels, task, cfg)
     if runtime.is_main:  # per image, for analyses the summary metrics cannot answer
         write_test_predictions(output_dir, dataset.test.paths, probs, labels, threshold, task)
     record["time"] = {"train_ms": round(state.train_ms), "total_ms": round((time.perf_counter() - started) * 1000)}
-    record["peak_gpu_memory_mb"] = runtime.peak_memory_mb()
+    record["gpu_memory_mb"] = runtime.gpu_memory_mb()
     if runtime.is_main:
         report(record, board, model, splits[2], probs, labels, task, cfg, output_dir)
         if not cfg.trainer.keep_last:  # a finished run needs best.pt only, unless it is to be extended
@@ -125,16 +134,19 @@ def fit(module, training: Training, checkpoints: Checkpoints, state: TrainingSta
     if state.stopped_epoch is not None:  # resumed after early stopping: only the test is left
         return
     with StopSignals() as stop:
+        def stop_signal() -> str | None:  # every rank asks at the same points: they stop together
+            return runtime.agreed_stop(stop.received)
+
         for epoch in range(state.epoch + 1, trainer.epochs + 1):
             epoch_start = time.perf_counter()
             train = training.train_epoch(module, epoch, cfg, runtime, progress=trainer.progress and runtime.is_main,
-                                         should_stop=lambda: stop.received is not None)
-            raise_if_stopped(stop, state, checkpoints)
+                                         should_stop=lambda: stop_signal() is not None)
+            raise_if_stopped(stop_signal(), state, checkpoints)
             lrs = train.pop("lrs")
             board.learning_rates(lrs, first_step=training.scheduler.last_epoch - len(lrs) + 1)
             val_loss, val_probs, val_labels = evaluate(
                 module, view.eval_inputs(view.val, trainer.eval_batch_size, runtime.rank, runtime.world), task,
-                device=runtime.device, amp_dtype=runtime.amp_dtype)
+                device=runtime.device)
             threshold = task.choose_threshold(trainer.threshold, val_labels, val_probs)
             row = results.epoch_row(epoch, train, val_loss, task.metrics(val_labels, val_probs, threshold))
             improved = state.advance(row, sign * row[trainer.monitor], threshold,
@@ -153,14 +165,14 @@ def fit(module, training: Training, checkpoints: Checkpoints, state: TrainingSta
             runtime.barrier()
             if state.stopped_epoch is not None:
                 break
-        raise_if_stopped(stop, state, checkpoints)  # a signal during the last validation: no test
+        raise_if_stopped(stop_signal(), state, checkpoints)  # a signal during the last validation: no test
 
 
-def raise_if_stopped(stop: StopSignals, state: TrainingState, checkpoints: Checkpoints) -> None:
-    if stop.received is not None:
+def raise_if_stopped(stop_signal: str | None, state: TrainingState, checkpoints: Checkpoints) -> None:
+    if stop_signal is not None:
         held = f"epoch {state.epoch}" if state.epoch else "the state before training"
         run_dir = checkpoints.last_path.parent
-        raise Interrupted(f"stopped by {stop.received}; {checkpoints.last_path} holds {held}; continue "
+        raise Interrupted(f"stopped by {stop_signal}; {checkpoints.last_path} holds {held}; continue "
                           f"with trainer.resume=true hydra.run.dir={run_dir} (a sweep: re-run it into "
                           "the same hydra.sweep.dir)")
 
@@ -237,7 +249,12 @@ def run_safely(cfg, output_dir: Path, overrides: list[str]) -> dict:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         status = results.INTERRUPTED if isinstance(error, Interrupted) else results.FAILED
         log.error("%s: %s", status, message)
-        return write_failure(cfg, output_dir, overrides, status, message)
+        record = write_failure(cfg, output_dir, overrides, status, message)
+        if isinstance(error, Interrupted) and torch.distributed.is_initialized():
+            # every rank stopped at the same step: they leave once rank 0 has written result.json
+            # (torchrun stops the other ranks as soon as one of them ends)
+            torch.distributed.barrier()
+        return record
     except Exception as error:  # a bug: keep the traceback in the log, the one line in result.json
         log.exception("failed")
         return write_failure(cfg, output_dir, overrides, results.FAILED, f"{type(error).__name__}: {error}")
@@ -260,14 +277,32 @@ class RunDirGuard(Callback):
             raise SystemExit(1)
 
 
+class RayResourceCheck(Callback):
+    """Registered in conf/train.yaml: a sweep on a Ray instance of its own (hydra/launcher=ray_local)
+    whose jobs ask for more than the instance has stops at once with one line saying what to set,
+    where Ray would keep the jobs pending for ever."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        launcher = config.hydra.launcher
+        if not launcher.get("_target_", "").endswith("RayLauncher") or launcher.ray.init.get("address") != "local":
+            return  # (a running cluster may grow: what it has now does not decide)
+        init = launcher.ray.init
+        instance = {"num_cpus": machine_cpus() if init.get("num_cpus") is None else init.num_cpus,
+                    "num_gpus": machine_gpus() if init.get("num_gpus") is None else init.num_gpus}
+        if problem := ray_unschedulable(launcher.ray.remote, instance):
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(1)
+
+
 def job_config(cfg: DictConfig, hydra_cfg) -> DictConfig:
     """The config a job runs with: as composed, except that a multirun job resumes (a sweep re-run
-    skips finished jobs and continues interrupted ones) and takes its GPU by job number."""
+    skips finished jobs and continues interrupted ones) and takes the GPU of its process's slot."""
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return cfg
-    device = cfg.trainer.device
-    if "LOCAL_RANK" not in os.environ:  # (under torchrun, LOCAL_RANK picks the GPU)
-        device = sweep_job_device(device, hydra_cfg.job.num, torch.cuda.device_count(), cfg.jobs_per_gpu)
+    device, gpus = cfg.trainer.device, torch.cuda.device_count()
+    # (under torchrun, LOCAL_RANK picks the GPU; with one GPU there is nothing to choose)
+    if "LOCAL_RANK" not in os.environ and gpus > 1:
+        device = slot_device(device, claim_gpu_slot(), gpus)
     return OmegaConf.merge(cfg, {"trainer": {"resume": True, "device": device}})
 
 

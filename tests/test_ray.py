@@ -43,11 +43,29 @@ def test_ray_presets_compose():
     for launcher in (local.hydra.launcher, cluster.hydra.launcher):
         assert launcher._target_.endswith("hydra_ray_launcher.ray_launcher.RayLauncher")
     assert local.hydra.launcher.ray.init.address == "local"  # a new instance, whatever RAY_ADDRESS says
-    assert local.hydra.launcher.ray.remote == {"num_cpus": 4, "num_gpus": 1}
     assert cluster.hydra.launcher.ray.init.address == "ray://head:10001"
     # hydra-ray-launcher's 75 MB default would make ray.init() refuse to join a cluster
     assert cluster.hydra.launcher.ray.init.object_store_memory is None
     assert cluster.hydra.launcher.ray.remote.num_gpus == 0.5
+
+
+def test_issue20_item7_ray_local_sizes_each_job_from_this_machine():
+    """ray_local's instance is this machine, and each job asks for what it has: no GPU where
+    there is none (this CI machine), at most 4 CPUs and never more than the machine's."""
+    import torch
+
+    from cxr.config import machine_cpus
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        local = compose("train", ["hydra/launcher=ray_local"], return_hydra_config=True)
+        packed = compose("train", ["hydra/launcher=ray_local", "jobs_per_gpu=2", "hydra.launcher.ray.init.num_gpus=1",
+                                   "hydra.launcher.ray.init.num_cpus=1"], return_hydra_config=True)
+    ray = local.hydra.launcher.ray
+    assert ray.init.num_cpus == len(os.sched_getaffinity(0)) == machine_cpus()
+    assert ray.init.num_gpus == torch.cuda.device_count()
+    assert ray.remote.num_cpus == min(4, ray.init.num_cpus)
+    assert ray.remote.num_gpus == (1 if torch.cuda.device_count() else 0)
+    assert packed.hydra.launcher.ray.remote == {"num_cpus": 1, "num_gpus": 0.5}
 
 
 def free_port() -> int:
@@ -154,3 +172,34 @@ def test_ray_cluster_sweep_runs_on_the_cluster_and_a_rerun_skips_finished_jobs(r
     output = sweep()  # the same sweep again: nothing left to do
     assert output.count("already finished") == 2, output[-4000:]
     assert result_stamps(sweep_dir) == stamps
+
+
+@pytest.mark.slow
+def test_issue20_item7_ray_local_sweep_runs_on_a_machine_without_a_gpu(tmp_path):
+    """The preset as it is, on this 2-core machine without a GPU: before, each job asked for a GPU
+    and 4 CPUs and stayed pending for ever."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "-m", "hydra/launcher=ray_local", *SMOKE, "seed=0,1",
+                           f"hydra.sweep.dir={sweep_dir}"], cwd=REPO, env={**ray_env(), "RAY_AUTH_MODE": "disabled"},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/result.json"))]
+    assert [r["status"] for r in results] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+def test_issue20_item7_a_ray_sweep_whose_jobs_cannot_start_fails_in_one_line(tmp_path):
+    """A job asking for a GPU on a Ray instance without one: exit 1 within a minute, one line
+    naming the key to set, no traceback, nothing started."""
+    sweep_dir = tmp_path / "sweep"
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "-m", "hydra/launcher=ray_local",
+                           "hydra.launcher.ray.init.num_gpus=0", "hydra.launcher.ray.remote.num_gpus=1", *SMOKE,
+                           "seed=0,1", f"hydra.sweep.dir={sweep_dir}"], cwd=REPO, env=ray_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - started < 60
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert line.endswith("set hydra.launcher.ray.remote.num_gpus=0"), output
+    assert not sweep_dir.exists()

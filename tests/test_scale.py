@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from cxr.checkpoint import load_classifier
 from cxr.config import CONF_DIR
 from cxr.predict import classify
-from cxr.runtime import sweep_job_device
+from cxr.runtime import slot_device
 
 # the smoke run without what scaling out does not touch (bootstrap intervals, TensorBoard figures)
 SMOKE = ("debug=smoke", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
@@ -67,17 +67,17 @@ def assert_two_ok_jobs(sweep_dir: Path) -> None:
 # Launchers
 
 
-@pytest.mark.parametrize(("device", "job_num", "gpu_count", "expected"), [
+@pytest.mark.parametrize(("device", "slot", "gpu_count", "expected"), [
     ("auto", 0, 4, "cuda:0"),
-    ("auto", 5, 4, "cuda:1"),  # more jobs than GPUs: round robin
+    ("auto", 5, 4, "cuda:1"),  # more worker processes than GPUs: round robin
     ("cuda", 3, 2, "cuda:1"),
     ("auto", 3, 1, "auto"),  # one GPU (or a SLURM task that sees only its own): as configured
     ("auto", 3, 0, "auto"),
     ("cpu", 3, 4, "cpu"),  # an explicit choice is kept
     ("cuda:2", 3, 4, "cuda:2"),
 ])
-def test_sweep_jobs_spread_over_the_gpus(device, job_num, gpu_count, expected):
-    assert sweep_job_device(device, job_num, gpu_count) == expected
+def test_sweep_jobs_spread_over_the_gpus(device, slot, gpu_count, expected):
+    assert slot_device(device, slot, gpu_count) == expected
 
 
 def test_launcher_presets_compose():
@@ -110,22 +110,20 @@ def test_defect3_packed_sweep_on_an_empty_cache_loses_no_job(tmp_path):
     assert [r["data"]["skipped_files"] for r in job_results(sweep_dir)] == [0, 0]
 
 
-@pytest.mark.parametrize("jobs_per_gpu", [1, 2, 3])
-@pytest.mark.parametrize("gpus", [2, 4])
-def test_packing_puts_at_most_k_jobs_on_each_gpu(gpus, jobs_per_gpu):
-    """n_jobs = gpus x k jobs run at a time; whichever window of that many consecutive job
-    numbers is running, each GPU holds exactly k of them, and consecutive jobs share a GPU."""
-    window = gpus * jobs_per_gpu
-    for first in range(0, 3 * window):
-        devices = [sweep_job_device("auto", n, gpus, jobs_per_gpu) for n in range(first, first + window)]
-        assert sorted(devices) == sorted(f"cuda:{g}" for g in range(gpus) for _ in range(jobs_per_gpu))
-    assert [sweep_job_device("cuda", n, gpus, jobs_per_gpu) for n in range(jobs_per_gpu)] == ["cuda:0"] * jobs_per_gpu
+@pytest.mark.parametrize(("gpus", "jobs_per_gpu", "expected"), [
+    (2, 1, ["cuda:0", "cuda:1"]),
+    (2, 3, ["cuda:0", "cuda:0", "cuda:0", "cuda:1", "cuda:1", "cuda:1"]),
+    (4, 2, ["cuda:0", "cuda:0", "cuda:1", "cuda:1", "cuda:2", "cuda:2", "cuda:3", "cuda:3"]),
+])
+def test_packing_puts_k_worker_processes_on_each_gpu(gpus, jobs_per_gpu, expected):
+    """per_gpu's n_jobs = gpus x k workers hold slots 0 .. n_jobs-1 (claim_gpu_slot): k on each GPU."""
+    assert sorted(slot_device("auto", slot, gpus) for slot in range(gpus * jobs_per_gpu)) == expected
 
 
-@pytest.mark.parametrize("jobs_per_gpu", [1, 2, 3])
-def test_packing_on_one_gpu_keeps_the_configured_device(jobs_per_gpu):
-    assert {sweep_job_device("auto", n, 1, jobs_per_gpu) for n in range(6)} == {"auto"}
-    assert sweep_job_device("cpu", 5, 4, jobs_per_gpu) == "cpu"
+@pytest.mark.parametrize("slot", [0, 1, 5])
+def test_packing_on_one_gpu_keeps_the_configured_device(slot):
+    assert slot_device("auto", slot, 1) == "auto"
+    assert slot_device("cpu", slot, 4) == "cpu"
 
 
 @pytest.mark.slow
@@ -223,6 +221,52 @@ def test_defect5_torchrun_predicts_each_image_once_and_keeps_every_ranks_rng(tmp
         assert ours["label"] == theirs["label"]
     correct = sum(row["label"] == row["truth"] for row in distributed)
     assert result["metrics"]["test/acc"] == pytest.approx(correct / 63)
+
+
+def torchrun_rank(pid: int) -> int | None:
+    """The RANK in a process's environment (a torchrun worker's), or None."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(item.split(b"=", 1)[1]) for item in environ if item.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def descendants(pid: int) -> list[int]:
+    children = child_pids(pid)
+    return children + [grandchild for child in children for grandchild in descendants(child)]
+
+
+@pytest.mark.slow  # ~20 s (two processes on two cores); before the fix it hung
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_issue20_item10_torchrun_ranks_stop_together_when_one_rank_is_signalled(tmp_path):
+    """SIGTERM to rank 1 alone, mid-training: both ranks stop after the same step (a rank that
+    stopped alone would leave the other waiting in a collective), each says it is interrupted
+    with the same last.pt and epoch, and that last.pt holds that epoch and both ranks' RNGs."""
+    run_dir, output = tmp_path / "run", tmp_path / "torchrun.log"
+    with output.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cxr.train",
+             *SMOKE, "trainer.device=cpu", "trainer.epochs=500", f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: (run_dir / "best.pt").exists(), proc, "first epoch")  # epoch 2 or later runs
+        (rank1,) = [pid for pid in descendants(proc.pid) if torchrun_rank(pid) == 1]
+        os.kill(rank1, signal.SIGTERM)
+        proc.wait(timeout=120)  # a rank left waiting in a collective would hang here
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = output.read_text()
+    stops = [line.split("stopped by ", 1)[1] for line in log.splitlines() if "stopped by " in line]
+    assert len(stops) == 2 and stops[0] == stops[1], log[-4000:]
+    held = re.match(rf"SIGTERM; {re.escape(str(run_dir / 'last.pt'))} holds epoch (\d+);", stops[0])
+    assert held, stops[0]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["error"] == "stopped by " + stops[0]
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["epoch"] == int(held.group(1)) >= 1 and len(last["rng"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_result_json_follows_the_contract(smoke_run):
     assert result["epochs"] == 2 and result["best_epoch"] in (1, 2)
     assert result["time"]["train_ms"] > 0 and result["time"]["total_ms"] >= result["time"]["train_ms"]
     assert result["device"].startswith("cpu")
-    assert "peak_gpu_memory_mb" in result and result["peak_gpu_memory_mb"] is None  # CUDA only
+    assert "gpu_memory_mb" in result and result["gpu_memory_mb"] is None  # CUDA only
     assert len(result["history"]) == 2
     assert result["metrics"]["test/acc"] == returned["metrics"]["test/acc"]
 

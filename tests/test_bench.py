@@ -158,7 +158,7 @@ def test_gpu_quick_writes_every_key_on_cpu(tmp_path):
         assert all(record["status"] == "ok" and record["model"]["freeze_backbone"] is frozen
                    and f"jobs_per_gpu={jobs_per_gpu}" in record["overrides"] for record in records), name
         assert sweep["train_s"] == pytest.approx(sum(record["time"]["train_ms"] for record in records) / 1000)
-    assert report["trainer_img_s"]["fp32"] > 0 and report["all_jobs_ok"] is True and report["failed_sections"] == {}
+    assert report["trainer_img_s"]["tf32"] > 0 and report["all_jobs_ok"] is True and report["failed_sections"] == {}
     assert report["budget"]["skipped_sections"] == ["jobs_per_gpu_4", "compile"]
     assert set(report["budget"]["section_s"]) == {"data", "trainer", "jobs_per_gpu_1", "jobs_per_gpu_2", "frozen"}
     assert report["work_dir"] == str(work.resolve())

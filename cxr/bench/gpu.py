@@ -4,7 +4,7 @@ read the JSON).
 
 In order, each section only if its estimate fits in what is left of --budget-s (cxr.bench.gpu_plan):
 data (the seed-scale image set generated over every core, then decoded once into the cache the
-sweeps read), trainer (the real trainer's img/s at 224 px in fp32, bf16 and bf16 + channels_last,
+sweeps read), trainer (the real trainer's img/s at 224 px in tf32, bf16 and bf16 + channels_last,
 and the GPU's busy fraction), the seven variants as real `hydra/launcher=per_gpu` sweeps at 1, 2
 and 4 jobs per GPU and on the frozen-backbone path (wall time, the GPU's busy fraction, each job's
 peak memory and, for a failed job, its error line), and last torch.compile. The JSON holds every
@@ -48,11 +48,13 @@ _VARIANTS = tuple(head_variants())
 FULL = Scale(224, 5216, 624, 32, 2048, 3, 2, 20, (1, 2, 4), _VARIANTS)
 QUICK = Scale(32, 48, 16, 8, 8, 1, 1, 2, (1, 2), (_VARIANTS[0], _VARIANTS[-1]))
 GENERATED_HEIGHTS = (160, 640)  # the embedded dataset's sizes: cheap to draw, still decoded down to 224 px
-# the trainer's precision variants: name -> (trainer.amp, trainer.channels_last, torch.compile)
-TRAINER_VARIANTS = {"fp32": ("off", False, False), "bf16": ("bf16", False, False),
+# the trainer's precision variants: name -> (trainer.amp, trainer.channels_last, torch.compile). tf32:
+# autocast off, which on a GPU still runs cuDNN convolutions in TF32 (torch 2.14's default
+# cudnn.conv.fp32_precision), while matmuls stay full fp32
+TRAINER_VARIANTS = {"tf32": ("off", False, False), "bf16": ("bf16", False, False),
                     "bf16_channels_last": ("bf16", True, False), "compile": ("bf16", True, True)}
 SWEEP_KEYS = ("jobs_per_gpu", "freeze_backbone", "epochs", "jobs", "jobs_ok", "errors", "sweep_s", "train_s",
-              "gpu_busy_fraction", "peak_gpu_memory_mb")
+              "gpu_busy_fraction", "gpu_memory_mb")
 # every key of the JSON, on any device (dotted paths): a value that could not be measured is null,
 # and `skipped` holds why under its path or a prefix of it
 GPU_SUITE_KEYS = ("device", "torch", "quick", "scale", "data_prep_s",
@@ -62,7 +64,7 @@ GPU_SUITE_KEYS = ("device", "torch", "quick", "scale", "data_prep_s",
                   "budget.section_s", "budget.skipped_sections", "work_dir", "total_s")
 # the keys a section fills: where `skipped` says why, when it does not run
 SECTION_KEYS = {"data": ("data_prep_s",),
-                "trainer": ("trainer_img_s.fp32", "trainer_img_s.bf16", "trainer_img_s.bf16_channels_last",
+                "trainer": ("trainer_img_s.tf32", "trainer_img_s.bf16", "trainer_img_s.bf16_channels_last",
                             "busy_fraction"),
                 **{name: (f"sweeps.{name}",) for name in SWEEPS},
                 "compile": ("compile_s", "trainer_img_s.compile")}
@@ -162,19 +164,19 @@ def data_section(check: Check) -> None:
     started, root, scale = time.perf_counter(), check.work.path / "kaggle", check.scale
     generate_images(root / "train", scale.train_images, GENERATED_HEIGHTS)
     generate_images(root / "test", scale.test_images, GENERATED_HEIGHTS, first=scale.train_images)
-    check.dataset = load_dataset(check.variant_cfg("fp32").data)  # decoded into the cache the sweeps read
+    check.dataset = load_dataset(check.variant_cfg("tf32").data)  # decoded into the cache the sweeps read
     check.report["data_prep_s"] = time.perf_counter() - started
     print(f"data: {scale.train_images} + {scale.test_images} images generated and decoded at "
           f"{scale.image_size} px in {check.report['data_prep_s']:.1f} s", flush=True)
 
 
 def trainer_section(check: Check) -> None:
-    """img/s of the real trainer's epoch in fp32, bf16 and bf16 + channels_last, side by side, and
+    """img/s of the real trainer's epoch in tf32, bf16 and bf16 + channels_last, side by side, and
     the GPU's busy fraction in the last (the trainer's default on CUDA)."""
     report, device = check.report, check.device
     split = sized(check.dataset.train, check.scale.trainer_images)
     epochs = {name: trainer_epoch(check.variant_cfg(name), split, check.dataset.classes)
-              for name in ("fp32", "bf16", "bf16_channels_last")}
+              for name in ("tf32", "bf16", "bf16_channels_last")}
     for epoch in epochs.values():
         epoch()  # warm-up: cudnn.benchmark tries its kernels on the first batches
     timings = side_by_side(epochs, check.scale.repeats, device)
@@ -183,7 +185,7 @@ def trainer_section(check: Check) -> None:
         report["busy_fraction"] = busy_fraction(epochs["bf16_channels_last"], device)
     else:
         report["skipped"]["busy_fraction"] = f"{NO_CUDA}: the share of wall time a GPU runs kernels"
-    default = "bf16_channels_last" if device.type == "cuda" else "fp32"  # what the sweeps train in here
+    default = "bf16_channels_last" if device.type == "cuda" else "tf32"  # what the sweeps train in here
     check.rates = with_trainer(check.rates, report["trainer_img_s"][default], check.scale.image_size)
     shown = "  ".join(f"{name} {value:.4g}" for name, value in report["trainer_img_s"].items() if value)
     print(f"trainer img/s @{check.scale.image_size} px  {shown}  busy fraction {report['busy_fraction']}", flush=True)
@@ -205,21 +207,23 @@ def sweep_section(check: Check, name: str) -> None:
                                      timeout_s=max(1.0, check.budget_s - check.elapsed() - STOP_GRACE_S))
     jobs = sweep_jobs(check.work.path / f"sweep-{name}")
     records = [record or {} for _, record in jobs]
-    peaks = [record.get("peak_gpu_memory_mb") for record in records]
+    # each job's {peak_allocated, peak_reserved, cuda_context_estimate} (MiB): packing must fit the
+    # reserved peak plus the context (null for packed jobs: take it from the jobs_per_gpu_1 sweep)
+    peaks = [record.get("gpu_memory_mb") for record in records]
     figures = check.report["sweeps"][name] = {
         "jobs_per_gpu": jobs_per_gpu, "freeze_backbone": frozen, "epochs": epochs, "jobs": len(scale.variants),
         "jobs_ok": sum(record.get("status") == results.OK for record in records),
         "errors": job_errors(jobs, len(scale.variants)) | ({"(sweep)": stopped} if stopped else {}),
         "sweep_s": seconds, "train_s": sum((record.get("time") or {}).get("train_ms", 0) for record in records) / 1000,
-        "gpu_busy_fraction": busy.mean, "peak_gpu_memory_mb": peaks if any(p is not None for p in peaks) else None}
+        "gpu_busy_fraction": busy.mean, "gpu_memory_mb": peaks if any(p is not None for p in peaks) else None}
     if busy.reason:
         skipped[f"sweeps.{name}.gpu_busy_fraction"] = busy.reason
-    if figures["peak_gpu_memory_mb"] is None:
-        skipped[f"sweeps.{name}.peak_gpu_memory_mb"] = NO_CUDA if check.device.type != "cuda" else "no job recorded it"
+    if figures["gpu_memory_mb"] is None:
+        skipped[f"sweeps.{name}.gpu_memory_mb"] = NO_CUDA if check.device.type != "cuda" else "no job recorded it"
     if not frozen and figures["jobs_ok"] == figures["jobs"]:
         check.rates = with_sweep(check.rates, seconds, figures["train_s"], figures["jobs"], jobs_per_gpu)
     print(f"sweep {name:15s} {figures['jobs_ok']}/{figures['jobs']} ok  {seconds:.1f} s (train "
-          f"{figures['train_s']:.1f} s, {epochs} epochs)  busy {busy.mean}  peak MiB {peaks}", flush=True)
+          f"{figures['train_s']:.1f} s, {epochs} epochs)  busy {busy.mean}  GPU MiB {peaks}", flush=True)
     for job, error in figures["errors"].items():
         print(f"  {job}: {error}", flush=True)
 

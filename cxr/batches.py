@@ -44,10 +44,10 @@ def eval_batches(split: Split, batch_size: int, rank: int = 0,
     yield from _batches(split, torch.arange(rank, len(split), world_size, device=split.images.device), batch_size)
 
 
-# bytes of a file-mapped split read before its pages are handed back (arrays.release): a process
-# holds at most about twice this of each map, whatever the split's size, and a smaller split stays
+# bytes of a split read before what reading it left resident is handed back (arrays.release): a
+# process holds about twice this of a map, whatever the split's size, and a smaller split stays
 # resident from one epoch to the next
-RELEASE_BYTES = 256 << 20
+RELEASE_BYTES = 64 << 20
 
 
 def _batches(split: Split, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -74,13 +74,19 @@ def training_view(model: Classifier, splits: Sequence[Split], cfg, device: torch
         channels_last = cfg.trainer.channels_last
         return TrainingView(model, *place(splits, device, cfg),
                             prepare=lambda x, augment: preprocess(x, channels_last, augment))
-    features = cached_features(model.backbone, splits, cfg, device, amp_dtype)
-    chunk = arrays.chunk_rows(features[0].images.shape, features[0].images.element_size())
-    model.feature_norm.fit(x for x, _ in eval_batches(features[0], chunk))
-    # float16 as cached, each batch cast to float32 where the head runs (a no-op for features a
-    # GPU holds in float32). A head's ops on a batch of 32 vectors are too small to gain from
-    # threads, and on a busy machine OpenMP threads waiting for each other made each step ~100x
-    # slower (measured on 2 cores beside other jobs: 5-35 batches/s on 2 threads, 1,300-1,900 on one).
+    return feature_view(model, cached_features(model.backbone, splits, cfg, device, amp_dtype), cfg, device)
+
+
+def feature_view(model: Classifier, features: Sequence[Split], cfg, device: torch.device) -> TrainingView:
+    """The head's view of float16 feature splits (train, val, test; `cached_features`' maps): the
+    classifier's FeatureNorm fitted to the training features, read a chunk at a time, and each
+    split placed for `device`."""
+    train = features[0]
+    model.feature_norm.fit(x for x, _ in eval_batches(train, arrays.chunk_rows(train.images.shape, 2)))
+    # Each batch is cast to float32 where the head runs (a no-op for features a GPU holds in
+    # float32). A head's ops on a batch of 32 vectors are too small to gain from threads, and on a
+    # busy machine OpenMP threads waiting for each other made each step ~100x slower (measured on
+    # 2 cores beside other jobs: 5-35 batches/s on 2 threads, 1,300-1,900 on one).
     return TrainingView(model.top(), *place(features, device, cfg), prepare=lambda x, augment: x.float(),
                         cpu_threads=1)
 

@@ -62,9 +62,17 @@ def _batches(split: Split, order: torch.Tensor, batch_size: int) -> Iterator[tup
         if read >= RELEASE_BYTES:
             arrays.release(split.mapping)
             read = 0
-        if x.device.type != split.device.type:  # held on the host for a GPU: the copy overlaps the step
-            x, y = (t.pin_memory().to(split.device, non_blocking=True) for t in (x, y))
+        if x.device.type != split.device.type:  # held on the host for an accelerator
+            x, y = _copied(x, split.device), _copied(y, split.device)
         yield x, y
+
+
+def _copied(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`; to a CUDA GPU through pinned memory, asynchronously, so that the
+    copy overlaps the GPU's work on the batch before."""
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
 
 
 def preprocess(images: torch.Tensor, channels_last: bool, augment: "Augment | None" = None,

@@ -78,7 +78,8 @@ class Split:
         images already on `device` as `dtype`, this is the split itself: no copy.
         """
         device = torch.device(device)
-        if host or (self.images.device == device and dtype in (None, self.images.dtype)):
+        there = self.images.device.type == device.type and device.index in (None, self.images.device.index)
+        if host or (there and dtype in (None, self.images.dtype)):
             return dataclasses.replace(self, device=device)
         images = torch.empty(self.images.shape, dtype=dtype or self.images.dtype, device=device)
         rows = arrays.chunk_rows(self.images.shape, self.images.element_size())

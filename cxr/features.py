@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 # bump when extraction or the file layout changes: old feature files are then never read again
 FEATURE_VERSION = 2  # 2: written a batch at a time, with an index holding a crc32 of every row
+# Images x pixels of an extraction batch on a CPU (trainer.eval_batch_size caps it everywhere): a
+# ResNet50 holds ~230 bytes of activations a pixel (1.4 GB for 128 images at 224 px, measured),
+# and a CPU is no faster on larger batches (~4 img/s at 224 px on 2 cores at 32 and at 128, the
+# same features to the bit). At 64 px this is 392 images: the default 128 stands.
+CPU_BATCH_PIXELS = 32 * 224 * 224
 
 
 @dataclass
@@ -82,7 +87,8 @@ def feature_view(model: Classifier, features: Sequence[Split], cfg, device: torc
     classifier's FeatureNorm fitted to the training features, read a chunk at a time, and each
     split placed for `device`."""
     train = features[0]
-    model.feature_norm.fit(x for x, _ in eval_batches(train, arrays.chunk_rows(train.images.shape, 2)))
+    chunk = arrays.chunk_rows(train.images.shape, train.images.element_size())
+    model.feature_norm.fit(x for x, _ in eval_batches(train, chunk))
     # Each batch is cast to float32 where the head runs (a no-op for features a GPU holds in
     # float32). A head's ops on a batch of 32 vectors are too small to gain from threads, and on a
     # busy machine OpenMP threads waiting for each other made each step ~100x slower (measured on
@@ -132,11 +138,14 @@ def cached_features(backbone: nn.Module, splits: Sequence[Split], cfg, device: t
     folder = Path(cfg.data.cache_dir).expanduser() / "features"
     folder.mkdir(parents=True, exist_ok=True)
     weights = weights_digest(backbone)
+    batch_size = cfg.trainer.eval_batch_size
+    if device.type == "cpu":
+        batch_size = max(1, min(batch_size, CPU_BATCH_PIXELS // cfg.data.image_size ** 2))
     out = []
     for split in splits:
         key = feature_key(split, cfg.data.image_size, weights, cfg.model.pooling, amp_dtype)
         features = load_features(folder / f"{key}.npy", len(split), lambda split=split: feature_batches(
-            backbone, split, cfg.trainer.eval_batch_size, device, amp_dtype, cfg.trainer.channels_last))
+            backbone, split, batch_size, device, amp_dtype, cfg.trainer.channels_last))
         out.append(Split(torch.from_numpy(features), split.labels, split.paths, split.skipped,
                          mapping=arrays.mapping_of(features)))
     return out

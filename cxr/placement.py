@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cxr.data import SPLITS
 from cxr.decoding import Split
 from cxr.runtime import MEMORY_SHARE
 
@@ -84,8 +85,8 @@ def place(splits: Sequence[Split], device: torch.device, cfg) -> list[Split]:
     sizes = [split.images.nelement() * split.images.element_size() for split in splits]
     gpu_bytes = torch.cuda.get_device_properties(device).total_memory
     plan = plan_memory(sizes, gpu_bytes, cfg.jobs_per_gpu, reserve_bytes(cfg), features)
-    log.info("memory plan (%d job(s) on a %.1f GB GPU): train, val, test on %s%s", cfg.jobs_per_gpu,
-             gpu_bytes / 1e9, ", ".join(plan.placements),
-             f"; features in {plan.features_dtype}" if features else "")
+    where = [f"{name} on the {placement}" for name, placement in zip(SPLITS, plan.placements, strict=True)]
+    log.info("memory plan (%d job(s) on a %.1f GB GPU): %s%s", cfg.jobs_per_gpu, gpu_bytes / 1e9, ", ".join(where),
+             f"; features as {plan.features_dtype}" if features else "")
     return [split.to(device, host=placement == HOST, dtype=plan.features_dtype)
             for split, placement in zip(splits, plan.placements, strict=True)]

@@ -6,19 +6,21 @@ over the cores) into a uint8 array on disk, keyed by the file list, the labels, 
 the preprocessing. Runs and sweep jobs after the first read that array only.
 
 The array is a .npy file written a chunk at a time as the images are decoded and read back as a
-memory map, so neither building nor reading the cache holds the whole dataset in memory: a dataset
-larger than RAM can be cached and trained on from the CPU (the kernel pages the images in and out).
+memory map (cxr.arrays), so neither building nor reading the cache holds the whole dataset in
+memory: a dataset larger than RAM can be cached and trained on from the CPU (the kernel pages the
+images in and out).
 
 Labels are int64: one class index per image (N,), or for multi-label data one value per finding
 (N, K) with 1 present, 0 absent and -1 unknown (masked out of the loss and the metrics).
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import multiprocessing
 import os
-import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -31,7 +33,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cxr.files import atomic_write, exclusive, signals_deferred
+from cxr import arrays
+from cxr.files import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +42,51 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: memory-mapped array, checked by size and a sampled checksum
 PREPROCESSING = "gray-squash-bilinear-draft"
 TASK_IMAGES = 16  # images per task sent to a decode worker: few round trips, a smooth progress bar
-# decoded images held before they are written to the cache file: the build's memory is about twice
-# this (the chunk, then its pages in the file map), whatever the number of images
-CHUNK_BYTES = 16 << 20
-SAMPLE_ROWS = 64  # images whose checksum ties the array to its index (see _sample_crc)
+SAMPLE_ROWS = 64  # images whose checksum ties the array to its index (see arrays.checksum)
 
 
 @dataclass
 class Split:
     """One decoded split: uint8 images (N, 1, S, S), int64 labels (N,) or (N, K), file paths.
 
-    From `load_split` the images are a copy-on-write map of the cache file: pages are read as
-    batches touch them, and writes (none are made) would stay private to the process.
+    From `load_split` the images are a copy-on-write map of the cache file (`mapping`): pages are
+    read as batches touch them, and writes (none are made) would stay private to the process.
+    cxr.features makes splits of backbone features (N, F) the same way.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     paths: list[str]
     skipped: list[str] = field(default_factory=list)
+    mapping: mmap.mmap | None = None  # the file map `images` read from (None: in memory)
+    # where batches are used: the images' own device, or the GPU a split held on the host is for
+    device: torch.device | None = None
+
+    def __post_init__(self):
+        self.device = self.images.device if self.device is None else torch.device(self.device)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device: torch.device) -> "Split":
-        # On the CPU this returns the map itself (no copy). A GPU gets the decoded set whole
-        # (5,216 images at 224 px are 262 MB as uint8), so batches are sliced there with no host
-        # copy in the step; a set larger than GPU memory would need batches paged in instead.
-        return Split(self.images.to(device), self.labels.to(device), self.paths, self.skipped)
+    def to(self, device: torch.device, host: bool = False, dtype: torch.dtype | None = None) -> "Split":
+        """The split for training on `device` (cxr.placement decides how, before anything is copied).
+
+        Copied there whole (as `dtype`, default the images' own), a chunk at a time so that host
+        memory stays flat; batches are then sliced there with no host copy in the step. With `host`
+        it stays where it is (a file map pages in and out) and each batch is copied to `device` when
+        it is sliced, through pinned memory and asynchronously (cxr.batches). On the CPU, and for
+        images already on `device` as `dtype`, this is the split itself: no copy.
+        """
+        device = torch.device(device)
+        there = self.images.device.type == device.type and device.index in (None, self.images.device.index)
+        if host or (there and dtype in (None, self.images.dtype)):
+            return dataclasses.replace(self, device=device)
+        images = torch.empty(self.images.shape, dtype=dtype or self.images.dtype, device=device)
+        rows = arrays.chunk_rows(self.images.shape, self.images.element_size())
+        for start in range(0, len(images), rows):
+            images[start:start + rows] = self.images[start:start + rows]
+            arrays.release(self.mapping)
+        return Split(images, self.labels.to(device), self.paths, self.skipped)
 
 
 def decode_image(path: str, size: int) -> np.ndarray | None:
@@ -125,10 +146,10 @@ def decode_split(items: list[tuple[str, int]], size: int, workers: int, desc: st
 
     For a few files at a time (cxr.predict); whole training splits go through `load_split`.
     """
-    arrays = list(decoded_images([path for path, _ in items], size, workers, desc))
-    keep = [i for i, a in enumerate(arrays) if a is not None]
-    skipped = [items[i][0] for i, a in enumerate(arrays) if a is None]
-    images = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, size, size), np.uint8)
+    decoded = list(decoded_images([path for path, _ in items], size, workers, desc))
+    keep = [i for i, a in enumerate(decoded) if a is not None]
+    skipped = [items[i][0] for i, a in enumerate(decoded) if a is None]
+    images = np.stack([decoded[i] for i in keep]) if keep else np.zeros((0, size, size), np.uint8)
     labels = np.array([items[i][1] for i in keep], dtype=np.int64)
     return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels),
                  [items[i][0] for i in keep], skipped)
@@ -152,26 +173,13 @@ def load_split(items: list[tuple[str, int]], size: int, cache_dir: Path, workers
 def _build_cache(items: list[tuple[str, int]], size: int, workers: int, desc: str,
                  array_file: Path, index_file: Path) -> Split:
     """Decode `items` into `array_file` and write its index; the split, mapped from the file."""
-    # the pid keeps concurrent writers (other hosts sharing the cache dir) off each other's file
-    tmp = array_file.with_name(f".{array_file.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> dict:
         kept, skipped = _write_images(tmp, items, size, workers, desc)
-        # Decoding above stays interruptible (an interrupt leaves only `tmp`, removed below); the
-        # move into place is not, like atomic_write's. The old index goes first: an index on disk
-        # always describes the array beside it, written last, once that array is whole and synced.
-        with signals_deferred():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            index_file.unlink(missing_ok=True)
-            os.replace(tmp, array_file)
-    finally:
-        tmp.unlink(missing_ok=True)
-    images = np.load(array_file, mmap_mode="c")
-    index = {"version": CACHE_VERSION, "size": size, "paths": [path for path, _ in kept],
-             "labels": [_json_label(label) for _, label in kept], "skipped": skipped,
-             "sample_crc32": _sample_crc(images)}
-    atomic_write(index_file, lambda f: f.write(json.dumps(index).encode()))
-    return _mapped_split(images, index)
+        return {"version": CACHE_VERSION, "size": size, "paths": [path for path, _ in kept],
+                "labels": [_json_label(label) for _, label in kept], "skipped": skipped}
+
+    return _mapped_split(*arrays.build(array_file, index_file, write, SAMPLE_ROWS))
 
 
 def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, workers: int,
@@ -179,10 +187,12 @@ def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, workers: i
     """Decode into a new .npy at `tmp`, a chunk at a time; the (path, label) kept, the paths skipped.
 
     The file is created with a slot for every item; readable images fill the slots in order, so
-    when some are skipped the kept ones are already contiguous and the file is cut short.
+    when some are skipped the kept ones are already contiguous and the file is cut short. The
+    build's memory is about twice a chunk (the chunk, then its pages in the file map), whatever the
+    number of images.
     """
-    offset = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(items), size, size)).offset
-    rows = max(1, CHUNK_BYTES // (size * size))
+    offset = arrays.create(tmp, np.uint8, (len(items), size, size))
+    rows = arrays.chunk_rows((len(items), size, size), 1)
     kept, skipped, chunk = [], [], []
     decoded = decoded_images([path for path, _ in items], size, workers, desc)
     for (path, label), image in zip(items, decoded, strict=True):
@@ -192,28 +202,12 @@ def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, workers: i
         kept.append((path, label))
         chunk.append(image)
         if len(chunk) == rows:
-            _write_rows(tmp, offset, len(kept) - len(chunk), chunk)
+            arrays.write_rows(tmp, offset, len(kept) - len(chunk), chunk)
             chunk = []
-    _write_rows(tmp, offset, len(kept) - len(chunk), chunk)
+    arrays.write_rows(tmp, offset, len(kept) - len(chunk), chunk)
     if skipped:
         _shrink(tmp, offset, len(kept), size)
     return kept, skipped
-
-
-def _write_rows(file: Path, offset: int, start: int, images: list[np.ndarray]) -> None:
-    """Write `images` into rows start... of the .npy through a map of those rows alone.
-
-    One map of the whole file would keep every page written so far resident in this process
-    (file pages count in its RSS until it unmaps them): a map per chunk keeps memory flat.
-    """
-    if not images:
-        return
-    size = images[0].shape[-1]
-    window = np.memmap(file, np.uint8, "r+", offset + start * size * size, (len(images), size, size))
-    for row, image in enumerate(images):  # row by row: np.stack would hold a second copy of the chunk
-        window[row] = image
-    window.flush()
-    del window
 
 
 def _shrink(file: Path, offset: int, rows: int, size: int) -> None:
@@ -228,25 +222,9 @@ def _shrink(file: Path, offset: int, rows: int, size: int) -> None:
         f.truncate(offset + rows * size * size)
 
 
-def _sample_crc(images: np.ndarray) -> int:
-    """crc32 of SAMPLE_ROWS images spread evenly over the array (all of them when fewer).
-
-    Trade-off: a crc32 of the whole array would catch any damage, but it reads every byte on every
-    run (for a cache larger than memory, a full disk pass before the first step). The sample costs
-    a few MB. With the exact file size and the header's shape and dtype checked against the index,
-    it still catches a truncated or extended file and an array of other images, even one of the
-    same shape (different images differ in the sampled rows). What it misses is damage confined
-    to rows it does not read (a bit flipped on disk), which is the file system's to catch.
-    """
-    rows = np.unique(np.linspace(0, len(images) - 1, min(len(images), SAMPLE_ROWS)).round().astype(np.int64))
-    return zlib.crc32(np.ascontiguousarray(images[rows]))
-
-
 def _mapped_split(images: np.ndarray, index: dict) -> Split:
-    # mmap_mode="c" (copy-on-write) maps are writable, so torch.from_numpy takes them without the
-    # read-only warning, and nothing written to the tensor can reach the file
     return Split(torch.from_numpy(images).unsqueeze(1), torch.tensor(index["labels"], dtype=torch.int64),
-                 index["paths"], index["skipped"])
+                 index["paths"], index["skipped"], mapping=arrays.mapping_of(images))
 
 
 def _json_label(label: int | tuple[int, ...]) -> int | list[int]:
@@ -260,19 +238,16 @@ def _read_cache(index_file: Path, array_file: Path, items: list[tuple[str, int]]
 
     The file's exact size (header + rows) and the sampled checksum tie the array to its index: a
     truncated array, or one from another split or run, even of the same shape, is never used in
-    its place (see _sample_crc for what a sample can miss).
+    its place (see arrays.checksum for what a sample can miss).
     """
     try:
         index = json.loads(index_file.read_text())
-        # allow_pickle stays off: a cache file cannot run code; a truncated file fails to map
-        images = np.load(array_file, mmap_mode="c")
         cached = dict(zip(index["paths"], index["labels"], strict=True))
         matches = (index["version"] == CACHE_VERSION and index["size"] == size
-                   and images.dtype == np.uint8 and images.shape == (len(cached), size, size)
-                   and array_file.stat().st_size == images.offset + images.nbytes
-                   and index["sample_crc32"] == _sample_crc(images)
                    and sorted([*cached, *index["skipped"]]) == sorted(path for path, _ in items)
                    and cached.items() <= {path: _json_label(label) for path, label in items}.items())
+        images = matches and arrays.open_checked(array_file, np.uint8, (len(cached), size, size),
+                                                 index["sample_crc32"], SAMPLE_ROWS)
     except (OSError, ValueError, KeyError, TypeError):  # unreadable, truncated, not our layout
         return None
-    return _mapped_split(images, index) if matches else None
+    return _mapped_split(images, index) if isinstance(images, np.ndarray) else None

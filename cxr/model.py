@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +89,24 @@ class FeatureNorm(nn.Module):
         self.register_buffer("mean", torch.zeros(features))
         self.register_buffer("std", torch.ones(features))
 
-    def fit(self, features: torch.Tensor) -> None:
-        """Take the statistics of `features` (N, F); constant features keep a std of 1."""
-        self.mean.copy_(features.mean(0))
-        std = features.std(0)
+    def fit(self, chunks: Iterable[torch.Tensor]) -> None:
+        """Take the mean and (unbiased) std of the features that arrive in `chunks` (n, F) of rows;
+        constant features keep a std of 1.
+
+        Chunk by chunk, so a training split larger than memory is read once and never held whole:
+        each chunk's float64 mean and sum of squared deviations are merged into the running ones
+        (Chan et al.'s pairwise update, free of the cancellation of a sum of squares).
+        """
+        count, mean, deviations = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for chunk in chunks:
+            x = chunk.double().cpu()
+            chunk_mean = x.mean(0)
+            delta, total = chunk_mean - mean, count + len(x)
+            mean = mean + delta * len(x) / total
+            deviations = deviations + ((x - chunk_mean) ** 2).sum(0) + delta ** 2 * count * len(x) / total
+            count = total
+        std = (deviations / (count - 1)).sqrt()
+        self.mean.copy_(mean)
         self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

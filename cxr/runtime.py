@@ -26,6 +26,10 @@ import torch.distributed as dist
 
 log = logging.getLogger("cxr")
 
+# of a GPU's memory, what its packed sweep jobs divide equally among themselves (cxr.placement plans
+# each job's splits within its part); the rest is left to the CUDA contexts
+MEMORY_SHARE = 0.95
+
 
 class DeviceError(Exception):
     """The asked-for device is not on this machine: reported as one line."""
@@ -295,7 +299,7 @@ def start(trainer_cfg, seed: int, jobs_per_gpu: int = 1) -> Runtime:
         if jobs_per_gpu > 1:
             # packed sweep jobs: an equal share of the GPU's memory each (cuDNN's autotuner then also
             # picks kernels whose workspace fits the share), so that no job starves the others
-            torch.cuda.set_per_process_memory_fraction(0.95 / jobs_per_gpu, device)
+            torch.cuda.set_per_process_memory_fraction(MEMORY_SHARE / jobs_per_gpu, device)
         # a launcher's worker runs job after job: each peak is its own
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(seed, trainer_cfg.deterministic)

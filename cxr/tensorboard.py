@@ -118,8 +118,9 @@ class RunBoard:
         """Grad-CAM on the first few test images of each class, one row each, for the positive
         class; multi-label: one row per finding, its positive images, for that finding.
 
-        `images` are the split's uint8 squares (N, 1, S, S) as cached, so the overlays are at the
-        network's input size; `python -m cxr.predict ... gradcam=DIR` writes them at full size.
+        `images` are the split's uint8 squares (N, 1, S, S) as cached (on the host), so the overlays
+        are at the network's input size; `python -m cxr.predict ... gradcam=DIR` writes them at full
+        size.
         """
         if self.writer is None:
             return
@@ -131,7 +132,8 @@ class RunBoard:
             if len(indices) == 0:  # a finding without positive test images: its row stays empty
                 continue
             try:
-                cams, _ = grad_cam(model, preprocess(images[indices], channels_last=False), target)
+                inputs = images[indices].to(next(model.parameters()).device)
+                cams, _ = grad_cam(model, preprocess(inputs, channels_last=False), target)
             except GradCamUnavailable as reason:
                 log.info("no test/gradcam figure: %s", reason)
                 plt.close(fig)

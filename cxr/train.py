@@ -77,10 +77,8 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
 
     dataset = load_dataset(cfg.data)
     record["data"].update(results.data_summary(dataset))
-    splits = [split.to(runtime.device) for split in (dataset.train, dataset.val, dataset.test)]
-
     task = dataset.task
-    training = build_training(cfg, splits, task, runtime)
+    training = build_training(cfg, (dataset.train, dataset.val, dataset.test), task, runtime)
     model, view, scheduler = training.model, training.view, training.scheduler
     checkpoints = Checkpoints(output_dir, model, training.optimizer, scheduler, runtime, cfg, task)
 
@@ -88,7 +86,7 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     board = RunBoard(output_dir, state.epoch + 1, runtime.is_main)
     if state.epoch == 0 and cfg.trainer.tensorboard_images:  # as epoch 1 sees them, augmented
         augment = epoch_augment(cfg.data.augment, cfg.data.hflip, cfg.seed, 1, runtime.device)
-        board.input_grid(splits[0].images[:32], task, splits[0].labels[:32], augment)
+        board.input_grid(dataset.train.images[:32].to(runtime.device), task, dataset.train.labels[:32], augment)
     if state.epoch > 0:  # resuming purged the events from step epoch+1 on: the earlier steps' lrs too
         earlier_steps = range(state.epoch, state.epoch * training.epoch_steps)
         board.learning_rates([scheduled_lr(scheduler, i) for i in earlier_steps], first_step=state.epoch + 1)
@@ -105,7 +103,7 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     record["time"] = {"train_ms": round(state.train_ms), "total_ms": round((time.perf_counter() - started) * 1000)}
     record["gpu_memory_mb"] = runtime.gpu_memory_mb()
     if runtime.is_main:
-        report(record, board, model, splits[2], probs, labels, task, cfg, output_dir)
+        report(record, board, model, dataset.test, probs, labels, task, cfg, output_dir)
         if not cfg.trainer.keep_last:  # a finished run needs best.pt only, unless it is to be extended
             checkpoints.remove_last()
     return record

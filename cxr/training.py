@@ -55,8 +55,8 @@ class Training:
 
 
 def build_training(cfg, splits: Sequence[Split], task: Task, runtime: Runtime) -> Training:
-    """The model for `task` on the runtime's device, trained on `splits` (train, val, test,
-    already on that device) as `cfg` says."""
+    """The model for `task` on the runtime's device, trained on `splits` (train, val, test, as
+    decoded: the view places what it reads for the device) as `cfg` says."""
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model = build_model(cfg.model, cfg.data.image_size, task.outputs, init_seed=cfg.seed)
     model = model.to(runtime.device, memory_format=memory_format)
@@ -65,5 +65,5 @@ def build_training(cfg, splits: Sequence[Split], task: Task, runtime: Runtime) -
     steps = micro_steps(len(view.train), runtime.world, cfg.trainer.batch_size)
     epoch_steps = optimizer_steps(steps, cfg.trainer.accumulate_steps)
     scheduler = build_scheduler(optimizer, cfg.scheduler, epoch_steps, cfg.trainer.epochs)
-    pos_weight = task.pos_weight(splits[0].labels, cfg.trainer.pos_weight)
+    pos_weight = task.pos_weight(splits[0].labels.to(runtime.device), cfg.trainer.pos_weight)
     return Training(task, model, view, optimizer, scheduler, pos_weight, steps, epoch_steps)

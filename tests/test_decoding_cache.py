@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr import decoding
+from cxr import arrays
 from cxr.decoding import decode_image, load_split
 
 SIZE = 32
@@ -52,7 +52,7 @@ def items(tmp_path):
 
 def test_cache_holds_exactly_the_decoded_pixels_and_lists_the_unreadable(items, tmp_path, monkeypatch):
     # chunks of 8 images: the build writes several windows, and cuts the file short at the end
-    monkeypatch.setattr(decoding, "CHUNK_BYTES", 8 * SIZE * SIZE)
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 8 * SIZE * SIZE)
     for attempt in ("built", "read back"):
         split = load_split(items, SIZE, tmp_path / "cache", 2, "test")
         readable = [(p, label) for p, label in items if "middle" not in p and "last" not in p]

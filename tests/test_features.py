@@ -2,16 +2,23 @@
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cxr import features
 from cxr.checkpoint import load_classifier
+from cxr.data import load_dataset
 from cxr.decoding import Split
 from cxr.model import build_backbone, build_model, weights_digest
 from cxr.train import run
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +42,10 @@ def frozen_cfg(tmp_path_factory):
 
 
 @pytest.fixture
-def count_extractions(monkeypatch):
-    calls = []
-    original = features.extract
-
-    def counting(backbone, split, *args, **kwargs):
-        calls.append(len(split))
-        return original(backbone, split, *args, **kwargs)
-
-    monkeypatch.setattr(features, "extract", counting)
-    return calls
+def count_extractions(caplog):
+    """Splits whose features the test's runs computed so far, counted from cxr.features' log."""
+    caplog.set_level(logging.INFO, logger="cxr.features")
+    return lambda: sum(r.name == "cxr.features" and " computed in " in r.getMessage() for r in caplog.records)
 
 
 def feature_files(cfg) -> dict:
@@ -61,7 +62,7 @@ def test_frozen_run_computes_features_once_and_reuses_them(frozen_cfg, tmp_path,
     assert first["model"]["freeze_backbone"] is True
     assert torch.isfinite(torch.tensor(first["metrics"]["train/loss"]))
     written = feature_files(cfg)
-    assert len(written) == 3 and len(count_extractions) == 3  # train, val, test: one pass each
+    assert len(written) == 3 and count_extractions() == 3  # train, val, test: one pass each
 
     # best.pt holds the head and a reference to the backbone (its init seed and digest), from
     # which predict rebuilds the whole network: a few hundred KB instead of ResNet50's 94 MB
@@ -72,10 +73,9 @@ def test_frozen_run_computes_features_once_and_reuses_them(frozen_cfg, tmp_path,
     assert weights_digest(model.backbone) == weights_digest(
         build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed).backbone)
 
-    with caplog.at_level(logging.WARNING, logger="cxr.features"):
-        second = run(frozen_cfg("data.augment=light"), tmp_path / "second")
+    second = run(frozen_cfg("data.augment=light"), tmp_path / "second")
     assert second["status"] == "ok"
-    assert len(count_extractions) == 3, "the second run recomputed features"
+    assert count_extractions() == 3, "the second run recomputed features"
     assert feature_files(cfg) == written, "the second run rewrote the feature files"
     assert "data.augment does not apply" in caplog.text
     # the same features and the same seed: the same head, the same test predictions
@@ -87,7 +87,7 @@ def test_other_image_size_gets_other_features(frozen_cfg, tmp_path, count_extrac
                      "trainer.tensorboard_images=false")
     before = feature_files(cfg)
     assert run(cfg, tmp_path)["status"] == "ok"
-    assert len(feature_files(cfg)) == len(before) + 3 and len(count_extractions) == 3
+    assert len(feature_files(cfg)) == len(before) + 3 and count_extractions() == 3
 
 
 def test_key_follows_weights_size_pooling_and_precision(tmp_path):
@@ -134,3 +134,89 @@ def test_the_head_trains_on_one_cpu_thread_and_the_process_keeps_its_own(frozen_
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def train_feature_file(cfg) -> Path:
+    """The cache file of the training split's features, found by its key as cxr.features makes it."""
+    train = load_dataset(cfg.data).train
+    backbone = build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed).backbone
+    key = features.feature_key(train, cfg.data.image_size, weights_digest(backbone), cfg.model.pooling, None)
+    return Path(cfg.data.cache_dir) / "features" / f"{key}.npy"
+
+
+@pytest.mark.parametrize("damage", ["7 bytes overwritten", "truncated"])
+def test_item11_a_damaged_feature_file_is_rebuilt_with_a_warning(frozen_cfg, tmp_path, caplog, damage):
+    """Issue 20 item 11: 7 bytes overwritten inside a cached feature file were read without a word
+    and moved the test metrics. Now the run warns, recomputes the file (the same bytes as the
+    undamaged one) and its metrics are the undamaged run's."""
+    cfg = frozen_cfg("trainer.epochs=1", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    undamaged = run(cfg, tmp_path / "undamaged")
+    array_file = train_feature_file(cfg)
+    original = array_file.read_bytes()
+    offset = np.load(array_file, mmap_mode="r").offset
+    with open(array_file, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(len(original) - 100)
+        else:  # in the middle of the rows, every bit changed
+            f.seek(offset + (len(original) - offset) // 2)
+            f.write(bytes(b ^ 0xFF for b in original[f.tell():f.tell() + 7]))
+    assert array_file.read_bytes() != original
+
+    with caplog.at_level(logging.WARNING, logger="cxr.features"):
+        rebuilt = run(cfg, tmp_path / "rebuilt")
+    assert [r for r in caplog.records if "is damaged" in r.getMessage() and str(array_file) in r.getMessage()]
+    assert array_file.read_bytes() == original
+    assert rebuilt["metrics"] == undamaged["metrics"]
+
+
+# Run in a subprocess: compose the config, decode the training split, then wait for the go file
+# and compute (or read) its features, as a sweep job started beside another would.
+EXTRACT_BESIDE_ANOTHER = """
+import logging, os, sys, time
+from pathlib import Path
+import torch
+from hydra import compose, initialize_config_dir
+from cxr.config import CONF_DIR, register_configs
+from cxr.data import load_dataset
+from cxr.features import cached_features
+from cxr.model import build_model
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s: %(message)s")
+register_configs()
+with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    cfg = compose("train", sys.argv[2:])
+train = load_dataset(cfg.data).train
+backbone = build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed).backbone
+go = Path(sys.argv[1])
+(go.parent / f"ready-{os.getpid()}").touch()
+while not go.exists():
+    time.sleep(0.005)
+(features,) = cached_features(backbone, [train], cfg, torch.device("cpu"), None)
+print("sum of features", features.images.double().sum().item())
+"""
+
+
+def test_item11_two_jobs_on_an_empty_cache_compute_the_features_once(frozen_cfg, tmp_path):
+    """Issue 20 item 11: sweep jobs started together on an empty cache each ran the backbone over
+    the whole split. Two real processes released at the same instant: one computes, the other
+    waits for it and reads its file (their logs say which), and both get the same features."""
+    cfg = frozen_cfg()
+    overrides = ["debug=smoke", "model.freeze_backbone=true", f"data.root={cfg.data.root}",
+                 f"data.cache_dir={tmp_path / 'cache'}"]
+    go = tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    jobs = [subprocess.Popen([sys.executable, "-c", EXTRACT_BESIDE_ANOTHER, str(go), *overrides], cwd=REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("ready-*"))) < 2 and all(job.poll() is None for job in jobs):
+        assert time.monotonic() < deadline, "the jobs never got ready"
+        time.sleep(0.01)
+    go.touch()
+    logs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], "\n".join(logs)
+    computed = [log.count(" computed in ") for log in logs]
+    read = [log.count(" read from ") for log in logs]
+    assert sorted(computed) == [0, 1] and sorted(read) == [0, 1], "\n".join(logs)
+    sums = {line for log in logs for line in log.splitlines() if line.startswith("sum of features")}
+    assert len(sums) == 1, sums

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cxr.data import SPLITS
+from cxr.data.layouts import SPLITS
 from cxr.decoding import Split
 from cxr.runtime import MEMORY_SHARE
 

@@ -8,7 +8,7 @@ Keras base runs), and the features are cached as float16 in `<data.cache_dir>/fe
 the head then trains on batches of them.
 
 The key covers everything the features depend on: the decoded split (`decoding.cache_key`: the file
-list with sizes and mtimes, the image size, the decoding), the normalisation, a digest of the
+list with sizes and mtimes, the image size, the decoding and data.window), the normalisation, a digest of the
 backbone's weights and buffers (ImageNet, a state-dict file and a seeded random init are told apart
 by what they hold, not by name), the pooling and the autocast dtype. The classifier's FeatureNorm
 takes the training features' mean and std, so the head reads standardised features.
@@ -76,10 +76,10 @@ def training_view(model: Classifier, splits: Sequence[Split], cfg, device: torch
     return TrainingView(model.top(), *features, prepare=lambda x, augment: x, cpu_threads=1)
 
 
-def feature_key(split: Split, image_size: int, weights: str, pooling: str,
+def feature_key(split: Split, image_size: int, window: str, weights: str, pooling: str,
                 amp_dtype: torch.dtype | None) -> str:
     items = list(zip(split.paths, split.labels.tolist(), strict=True))
-    payload = [FEATURE_VERSION, cache_key(items, image_size), MEAN, STD, weights, pooling,
+    payload = [FEATURE_VERSION, cache_key(items, image_size, window), MEAN, STD, weights, pooling,
                str(amp_dtype)]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
 
@@ -126,7 +126,7 @@ def cached_features(backbone: nn.Module, splits: Sequence[Split], cfg, device: t
     weights = weights_digest(backbone)
     out = []
     for split in splits:
-        key = feature_key(split, cfg.data.image_size, weights, cfg.model.pooling, amp_dtype)
+        key = feature_key(split, cfg.data.image_size, cfg.data.window, weights, cfg.model.pooling, amp_dtype)
         path = folder / f"{key}.npy"
         cached = _read(path, len(split))
         if cached is not None:

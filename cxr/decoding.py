@@ -1,11 +1,11 @@
 """Decode images once, cache them as uint8 arrays: `Split`, `load_split`.
 
 Decoding ~1,500 px JPEGs is what made the reference experiment slow, so every image is decoded
-and resized exactly once (PIL's draft mode lets libjpeg downscale by 2/4/8 while decoding, spread
-over the cores) into a uint8 array on disk, keyed by the file list, the labels, the image size and
-the preprocessing (data.window included). Runs and sweep jobs after the first read that array only.
-What a file's pixels mean (JPEG, 16-bit PNG, DICOM) and which of its grey values become 0..255
-is cxr.pixels'.
+and resized exactly once (PIL's draft mode lets libjpeg downscale large JPEGs by 2/4/8 while
+decoding, see cxr.pixels.DRAFT_MARGIN; spread over the cores) into a uint8 array on disk, keyed
+by the file list, the labels, the image size and the preprocessing (data.window included). Runs
+and sweep jobs after the first read that array only. What a file's pixels mean (JPEG, 16-bit PNG,
+DICOM) and which of its grey values become 0..255 is cxr.pixels'.
 
 The array is a .npy file written a chunk at a time as the images are decoded and read back as a
 memory map, so neither building nor reading the cache holds the whole dataset in memory: a dataset
@@ -39,7 +39,7 @@ from cxr.pixels import DEFAULT_WINDOW, Unreadable, read_picture
 log = logging.getLogger(__name__)
 
 # bump when decoding or the cache layout changes: old cache files are then never read again
-CACHE_VERSION = 4  # 4: skipped files with their reasons, data.window in the key
+CACHE_VERSION = 4  # 4: skipped files with their reasons, data.window in the key, JPEG drafts at 4x the size
 PREPROCESSING = "gray-squash-bilinear-draft"
 TASK_IMAGES = 16  # images per task sent to a decode worker: few round trips, a smooth progress bar
 # decoded images held before they are written to the cache file: the build's memory is about twice

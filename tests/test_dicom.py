@@ -23,7 +23,7 @@ from pydicom.uid import BasicTextSRStorage, JPEG2000Lossless, JPEGBaseline8Bit, 
 
 from cxr.bench.images import save_dicom
 from cxr.config import ConfigError, validate
-from cxr.data import DataError, LAYOUTS, load_dataset
+from cxr.data import LAYOUTS, DataError, load_dataset
 from cxr.data.splits import DICOM_HEADER, PER_IMAGE, SALT_FILE, layout_patients
 from cxr.decoding import decode_image, decode_split, load_split
 from cxr.pixels import read_picture
@@ -195,21 +195,22 @@ def test_compressed_dicom_decodes(picture, tmp_path):
 # Bad input
 
 
-def bad_dicoms(picture: np.ndarray, folder: Path) -> dict[str, str]:
-    """Files in `folder` that are not one greyscale image, each -> a phrase of its reason."""
+def bad_dicoms(picture: np.ndarray, folder: Path, header: dict | None = None) -> dict[str, str]:
+    """Files in `folder` that are not one greyscale image (the DICOM ones with `header`), each -> a
+    phrase of its reason."""
     folder.mkdir(parents=True, exist_ok=True)
-    report = save_dicom(picture[:8, :8], folder / "report.dcm")
+    report = save_dicom(picture[:8, :8], folder / "report.dcm", header=header)
     del report.PixelData
     report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
     report.save_as(folder / "report.dcm", enforce_file_format=True)
-    frames = save_dicom(np.tile(picture[:16, :16], (3, 1)), folder / "frames.dcm")
+    frames = save_dicom(np.tile(picture[:16, :16], (3, 1)), folder / "frames.dcm", header=header)
     frames.Rows, frames.NumberOfFrames = 16, 3
     frames.save_as(folder / "frames.dcm", enforce_file_format=True)
-    colour = save_dicom(picture[:16, :16], folder / "colour.dcm")
+    colour = save_dicom(picture[:16, :16], folder / "colour.dcm", header=header)
     colour.SamplesPerPixel, colour.PhotometricInterpretation, colour.PlanarConfiguration = 3, "RGB", 0
     colour.PixelData = np.repeat(picture[:16, :16, None], 3, axis=2).tobytes()
     colour.save_as(folder / "colour.dcm", enforce_file_format=True)
-    save_dicom(picture, folder / "cut.dcm", bits=12)
+    save_dicom(picture, folder / "cut.dcm", bits=12, header=header)
     whole = (folder / "cut.dcm").read_bytes()
     (folder / "cut.dcm").write_bytes(whole[: len(whole) // 2])
     (folder / "page.dcm").write_text("<html><body>404 Not Found</body></html>\n")

@@ -4,8 +4,9 @@
               weights, optimizer, learning-rate schedule and scaler state, the loop's state,
               every rank's RNG states
     best.pt   the weights of the best epoch by validation, and what cxr.predict needs to use
-              them: the task (its kind and classes or findings, cxr.task), image size,
-              normalisation, the network's shape, the threshold (multi-label: one per finding)
+              them: the task (its kind and classes or findings, cxr.task), image size, data.window
+              (how grey values became 0..255), normalisation, the network's shape, the threshold
+              (multi-label: one per finding)
 
 With a frozen backbone both hold only what trains (feature standardisation + head, a few hundred
 KB) and a reference to the backbone: its weights setting, the seed of a random init and a digest
@@ -25,6 +26,7 @@ from cxr.config import keys_with
 from cxr.engine import TrainingState
 from cxr.files import atomic_write
 from cxr.model import Classifier, build_model, weights_digest
+from cxr.pixels import DEFAULT_WINDOW
 from cxr.runtime import Runtime, rng_state, set_rng_state
 from cxr.task import Task
 
@@ -119,7 +121,8 @@ class Checkpoints:
         weights = trained_state(self.model, self.frozen) if weights is None else weights
         save_checkpoint({"model": weights, "backbone": self.backbone, "epoch": epoch,
                          "threshold": threshold, "task": self.task.state(),
-                         "image_size": self.cfg.data.image_size, "mean": list(MEAN), "std": list(STD),
+                         "image_size": self.cfg.data.image_size, "window": self.cfg.data.window,
+                         "mean": list(MEAN), "std": list(STD),
                          "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
                          "init_seed": self.cfg.seed, "fingerprint": self.fingerprint}, self.best_path)
 
@@ -170,6 +173,9 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier,
     missing = [key for key in INFERENCE_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a best.pt of cxr.train")
+    # a best.pt from before data.window was trained on images decoded as the dicom window decodes
+    # them (8-bit images as they are; a 16-bit one was clipped then, and is scaled now)
+    state.setdefault("window", DEFAULT_WINDOW)
     backbone = state.get("backbone")
     # the architecture from the checkpoint; the trained weights replace any initial ones, except
     # a frozen backbone's, which is rebuilt from its reference and must match its digest

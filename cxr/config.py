@@ -72,13 +72,20 @@ class DataConfig:
     # the image folder; null only for data=csv, where it defaults to the CSV's folder
     root: str | None = resumable(MISSING)
     image_size: int = described(224)
+    # which grey values become 0..255 (cxr.pixels.WINDOWS): dicom (the file's own: a DICOM's VOI LUT
+    # or window, else its stored range; a 16-bit PNG's bit depth; 8-bit images as they are) |
+    # minmax | percentile (each image's own range)
+    window: str = described("dicom")
     # from_train: validation carved out of train, grouped by patient; official: the given val/ folder
     val_split: str = "from_train"
     val_fraction: float = described(0.1)
     split_seed: int = described(0)
+    # who each image's patient is: layout (its file name, table column or folder: cxr.data.splits) |
+    # dicom (each DICOM header's PatientID, kept only as a salted hash)
+    patient_source: str = described("layout")
     # where decoded uint8 arrays (and frozen-backbone features) are cached between runs
     cache_dir: str = resumable("${oc.env:CXR_CACHE_DIR,${oc.env:HOME}/.cache/cxr}")
-    # processes that decode JPEGs on the first pass (0 = all cores)
+    # processes that decode images on the first pass (0 = all cores)
     decode_workers: int = resumable(0)
     # on-device augmentation of training batches: none | light | strong (cxr.batches.AUGMENT)
     augment: str = described("none")
@@ -89,7 +96,8 @@ class DataConfig:
     limit: int | None = described(None)
     # set for the embedded dataset: generate it under `root` on first use
     synthetic: SyntheticConfig | None = None
-    # folders: root/{train,val,test}/<class>/; csv: images and labels listed in data.csv (data=csv)
+    # folders: root/{train,val,test}/<class>/; csv: images and labels listed in data.csv (data=csv);
+    # nih, chexpert, rsna: those datasets' own files (cxr.data.layouts.LAYOUTS)
     layout: str = "folders"
     csv: str | None = resumable(None)
     path_column: str = "Path"
@@ -340,9 +348,16 @@ def validate(cfg: Any) -> None:
 
 
 def validate_data(d: Any) -> None:
-    """The layout and what it needs: a root, a CSV, the multi-label policies."""
-    _check(d.layout in ("folders", "csv", "nih", "chexpert"),
-           f"data.layout must be folders|csv|nih|chexpert, got {d.layout}")
+    """The layout and what it needs: a root, a CSV, the multi-label policies; the window and the
+    patients' source."""
+    from cxr.data import LAYOUTS  # torch (through the decoding cache): only when validating
+    from cxr.data.splits import PATIENT_SOURCES
+    from cxr.pixels import WINDOWS
+
+    _check(d.layout in LAYOUTS, f"data.layout must be {'|'.join(LAYOUTS)}, got {d.layout}")
+    _check(d.window in WINDOWS, f"data.window must be {'|'.join(WINDOWS)}, got {d.window}")
+    _check(d.patient_source in PATIENT_SOURCES,
+           f"data.patient_source must be {'|'.join(PATIENT_SOURCES)}, got {d.patient_source}")
     if d.layout == "csv":
         _check(d.csv is not None, "data.csv is not set: pass data.csv=/path/to/labels.csv")
     else:

@@ -1,9 +1,11 @@
 """Decode images once, cache them as uint8 arrays: `Split`, `load_split`.
 
 Decoding ~1,500 px JPEGs is what made the reference experiment slow, so every image is decoded
-and resized exactly once (PIL's draft mode lets libjpeg downscale by 2/4/8 while decoding, spread
-over the cores) into a uint8 array on disk, keyed by the file list, the labels, the image size and
-the preprocessing. Runs and sweep jobs after the first read that array only.
+and resized exactly once (PIL's draft mode lets libjpeg downscale large JPEGs by 2/4/8 while
+decoding, see cxr.pixels.DRAFT_MARGIN; spread over the cores) into a uint8 array on disk, keyed
+by the file list, the labels, the image size and the preprocessing (data.window included). Runs
+and sweep jobs after the first read that array only. What a file's pixels mean (JPEG, 16-bit PNG,
+DICOM) and which of its grey values become 0..255 is cxr.pixels'.
 
 The array is a .npy file written a chunk at a time as the images are decoded and read back as a
 memory map (cxr.arrays), so neither building nor reading the cache holds the whole dataset in
@@ -35,11 +37,12 @@ from tqdm import tqdm
 
 from cxr import arrays
 from cxr.files import exclusive
+from cxr.pixels import DEFAULT_WINDOW, Unreadable, read_picture
 
 log = logging.getLogger(__name__)
 
 # bump when decoding or the cache layout changes: old cache files are then never read again
-CACHE_VERSION = 3  # 3: memory-mapped array, checked by size and a sampled checksum
+CACHE_VERSION = 4  # 4: skipped files with their reasons, data.window in the key, JPEG drafts at 4x the size
 PREPROCESSING = "gray-squash-bilinear-draft"
 TASK_IMAGES = 16  # images per task sent to a decode worker: few round trips, a smooth progress bar
 SAMPLE_ROWS = 64  # images whose checksum ties the array to its index (see arrays.checksum)
@@ -47,7 +50,8 @@ SAMPLE_ROWS = 64  # images whose checksum ties the array to its index (see array
 
 @dataclass
 class Split:
-    """One decoded split: uint8 images (N, 1, S, S), int64 labels (N,) or (N, K), file paths.
+    """One decoded split: uint8 images (N, 1, S, S), int64 labels (N,) or (N, K), file paths, and
+    the files skipped with the reason each is not a usable image.
 
     From `load_split` the images are a copy-on-write map of the cache file (`mapping`): pages are
     read as batches touch them, and writes (none are made) would stay private to the process.
@@ -57,7 +61,7 @@ class Split:
     images: torch.Tensor
     labels: torch.Tensor
     paths: list[str]
-    skipped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> why it is not a usable image
     mapping: mmap.mmap | None = None  # the file map `images` read from (None: in memory)
     # where batches are used: the images' own device, or the GPU a split held on the host is for
     device: torch.device | None = None
@@ -89,23 +93,25 @@ class Split:
         return Split(images, self.labels.to(device), self.paths, self.skipped)
 
 
-def decode_image(path: str, size: int) -> np.ndarray | None:
-    """Grayscale uint8 (size, size), or None when the file is not a readable image."""
+def decode_image(path: str, size: int, window: str = DEFAULT_WINDOW) -> np.ndarray | str:
+    """Grayscale uint8 (size, size) under data.window, or why the file is not a usable image.
+
+    Compressed DICOM without its decoder plugin raises cxr.pixels.DecoderMissing.
+    """
     try:
-        with Image.open(path) as image:
-            # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still at least size x size
-            image.draft("L", (size, size))
-            # Squashed to a square like the seed (Keras target_size): the whole chest stays in view.
-            return np.asarray(image.convert("L").resize((size, size), Image.BILINEAR))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+        picture = read_picture(path, window, draft=size)
+    except Unreadable as error:
+        return str(error)
+    # Squashed to a square like the seed (Keras target_size): the whole chest stays in view.
+    return np.asarray(Image.fromarray(picture).resize((size, size), Image.BILINEAR))
 
 
-def _decode_task(paths: list[str], size: int) -> list[np.ndarray | None]:
-    return [decode_image(path, size) for path in paths]
+def _decode_task(paths: list[str], size: int, window: str) -> list[np.ndarray | str]:
+    return [decode_image(path, size, window) for path in paths]
 
 
-def decoded_images(paths: list[str], size: int, workers: int, desc: str) -> Iterator[np.ndarray | None]:
+def decoded_images(paths: list[str], size: int, workers: int, desc: str,
+                   window: str = DEFAULT_WINDOW) -> Iterator[np.ndarray | str]:
     """`decode_image` of each path, in order, over `workers` processes (0: every core).
 
     At most a few tasks per worker are in flight, so however many paths there are, only a few
@@ -116,23 +122,23 @@ def decoded_images(paths: list[str], size: int, workers: int, desc: str) -> Iter
     with tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False) as progress:
         if workers == 1 or len(paths) < 64:
             for path in paths:
-                yield decode_image(path, size)
+                yield decode_image(path, size, window)
                 progress.update()
             return
         tasks = (paths[i:i + TASK_IMAGES] for i in range(0, len(paths), TASK_IMAGES))
         # fork: the children only run PIL and NumPy, and start in milliseconds
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            pending = deque(pool.submit(_decode_task, task, size) for task in islice(tasks, 4 * workers))
+            pending = deque(pool.submit(_decode_task, task, size, window) for task in islice(tasks, 4 * workers))
             while pending:
                 images = pending.popleft().result()
-                pending.extend(pool.submit(_decode_task, task, size) for task in islice(tasks, 1))
+                pending.extend(pool.submit(_decode_task, task, size, window) for task in islice(tasks, 1))
                 progress.update(len(images))
                 yield from images
 
 
-def cache_key(items: list[tuple[str, int]], size: int) -> str:
+def cache_key(items: list[tuple[str, int]], size: int, window: str = DEFAULT_WINDOW) -> str:
     listing = [(path, label, *_stat(path)) for path, label in items]
-    payload = json.dumps([CACHE_VERSION, PREPROCESSING, size, listing])
+    payload = json.dumps([CACHE_VERSION, PREPROCESSING, size, window, listing])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -141,50 +147,53 @@ def _stat(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def decode_split(items: list[tuple[str, int]], size: int, workers: int, desc: str) -> Split:
+def decode_split(items: list[tuple[str, int]], size: int, workers: int, desc: str,
+                 window: str = DEFAULT_WINDOW) -> Split:
     """Decode every file into memory (in parallel), dropping unreadable ones into `skipped`.
 
     For a few files at a time (cxr.predict); whole training splits go through `load_split`.
     """
-    decoded = list(decoded_images([path for path, _ in items], size, workers, desc))
-    keep = [i for i, a in enumerate(decoded) if a is not None]
-    skipped = [items[i][0] for i, a in enumerate(decoded) if a is None]
+    decoded = list(decoded_images([path for path, _ in items], size, workers, desc, window))
+    keep = [i for i, a in enumerate(decoded) if not isinstance(a, str)]
+    skipped = {items[i][0]: a for i, a in enumerate(decoded) if isinstance(a, str)}
     images = np.stack([decoded[i] for i in keep]) if keep else np.zeros((0, size, size), np.uint8)
     labels = np.array([items[i][1] for i in keep], dtype=np.int64)
     return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels),
                  [items[i][0] for i in keep], skipped)
 
 
-def load_split(items: list[tuple[str, int]], size: int, cache_dir: Path, workers: int, desc: str) -> Split:
+def load_split(items: list[tuple[str, int]], size: int, cache_dir: Path, workers: int, desc: str,
+               window: str = DEFAULT_WINDOW) -> Split:
     """The decoded split, mapped from the cache, decoding (and caching) it first when needed."""
-    key = cache_key(items, size)
+    key = cache_key(items, size, window)
     array_file, index_file = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     # sweep jobs started together: the first decodes, the others wait and read its cache
     with exclusive(cache_dir / f".{key}.lock"):
         if index_file.exists() and array_file.exists():
-            cached = _read_cache(index_file, array_file, items, size)
+            cached = _read_cache(index_file, array_file, items, size, window)
             if cached is not None:
                 return cached
             log.warning("cache %s is damaged or was written for other data or another cxr version; "
                         "rebuilding it", array_file)
-        return _build_cache(items, size, workers, desc, array_file, index_file)
+        return _build_cache(items, size, window, workers, desc, array_file, index_file)
 
 
-def _build_cache(items: list[tuple[str, int]], size: int, workers: int, desc: str,
+def _build_cache(items: list[tuple[str, int]], size: int, window: str, workers: int, desc: str,
                  array_file: Path, index_file: Path) -> Split:
     """Decode `items` into `array_file` and write its index; the split, mapped from the file."""
 
     def write(tmp: Path) -> dict:
-        kept, skipped = _write_images(tmp, items, size, workers, desc)
-        return {"version": CACHE_VERSION, "size": size, "paths": [path for path, _ in kept],
+        kept, skipped = _write_images(tmp, items, size, window, workers, desc)
+        return {"version": CACHE_VERSION, "size": size, "window": window, "paths": [path for path, _ in kept],
                 "labels": [_json_label(label) for _, label in kept], "skipped": skipped}
 
     return _mapped_split(*arrays.build(array_file, index_file, write, SAMPLE_ROWS))
 
 
-def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, workers: int,
-                  desc: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """Decode into a new .npy at `tmp`, a chunk at a time; the (path, label) kept, the paths skipped.
+def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, window: str, workers: int,
+                  desc: str) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """Decode into a new .npy at `tmp`, a chunk at a time; the (path, label) kept, the paths skipped
+    (with their reasons).
 
     The file is created with a slot for every item; readable images fill the slots in order, so
     when some are skipped the kept ones are already contiguous and the file is cut short. The
@@ -193,11 +202,11 @@ def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, workers: i
     """
     offset = arrays.create(tmp, np.uint8, (len(items), size, size))
     rows = arrays.chunk_rows((len(items), size, size), 1)
-    kept, skipped, chunk = [], [], []
-    decoded = decoded_images([path for path, _ in items], size, workers, desc)
+    kept, skipped, chunk = [], {}, []
+    decoded = decoded_images([path for path, _ in items], size, workers, desc, window)
     for (path, label), image in zip(items, decoded, strict=True):
-        if image is None:
-            skipped.append(path)
+        if isinstance(image, str):
+            skipped[path] = image
             continue
         kept.append((path, label))
         chunk.append(image)
@@ -233,7 +242,7 @@ def _json_label(label: int | tuple[int, ...]) -> int | list[int]:
 
 
 def _read_cache(index_file: Path, array_file: Path, items: list[tuple[str, int]],
-                size: int) -> Split | None:
+                size: int, window: str) -> Split | None:
     """The cached split, mapped, or None when the pair is damaged or describes other files.
 
     The file's exact size (header + rows) and the sampled checksum tie the array to its index: a
@@ -243,7 +252,7 @@ def _read_cache(index_file: Path, array_file: Path, items: list[tuple[str, int]]
     try:
         index = json.loads(index_file.read_text())
         cached = dict(zip(index["paths"], index["labels"], strict=True))
-        matches = (index["version"] == CACHE_VERSION and index["size"] == size
+        matches = (index["version"] == CACHE_VERSION and index["size"] == size and index["window"] == window
                    and sorted([*cached, *index["skipped"]]) == sorted(path for path, _ in items)
                    and cached.items() <= {path: _json_label(label) for path, label in items}.items())
         images = matches and arrays.open_checked(array_file, np.uint8, (len(cached), size, size),

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cxr.model import FAMILIES, Classifier
+from cxr.pixels import read_picture
 
 
 class GradCamUnavailable(Exception):
@@ -87,9 +88,9 @@ def overlay(image: np.ndarray, cam: torch.Tensor, alpha: float = 0.4) -> np.ndar
     return blended.round().astype(np.uint8)
 
 
-def save_overlay(path: str, cam: torch.Tensor, destination) -> None:
-    """Overlay `cam` on the image file at `path`, at its original size, as a PNG."""
-    with Image.open(path) as image:
-        original = np.asarray(image.convert("L"))
+def save_overlay(path: str, cam: torch.Tensor, destination, window: str) -> None:
+    """Overlay `cam` on the picture of the image file at `path` (under data.window, as the network
+    saw it: a DICOM windowed, a 16-bit PNG scaled), at its original size, as a PNG."""
+    original = read_picture(path, window)
     # zlib level 1: several times faster than the default on multi-megapixel overlays
     Image.fromarray(overlay(original, cam)).save(destination, compress_level=1)

@@ -9,8 +9,8 @@ Keras base runs), and the features are cached as float16 in `<data.cache_dir>/fe
 before each use); the head then trains on batches of them, read from the file's memory map.
 
 The key covers everything the features depend on: the decoded split (`decoding.cache_key`: the file
-list with sizes and mtimes, the image size, the decoding), the normalisation, a digest of the
-backbone's weights and buffers (ImageNet, a state-dict file and a seeded random init are told apart
+list with sizes and mtimes, the image size, the decoding and data.window), the normalisation, a
+digest of the backbone's weights and buffers (ImageNet, a state-dict file and a seeded random init are told apart
 by what they hold, not by name), the pooling and the autocast dtype. The classifier's FeatureNorm
 takes the training features' mean and std, so the head reads standardised features.
 
@@ -97,10 +97,10 @@ def feature_view(model: Classifier, features: Sequence[Split], cfg, device: torc
                         cpu_threads=1)
 
 
-def feature_key(split: Split, image_size: int, weights: str, pooling: str,
+def feature_key(split: Split, image_size: int, window: str, weights: str, pooling: str,
                 amp_dtype: torch.dtype | None) -> str:
     items = list(zip(split.paths, split.labels.tolist(), strict=True))
-    payload = [FEATURE_VERSION, cache_key(items, image_size), MEAN, STD, weights, pooling,
+    payload = [FEATURE_VERSION, cache_key(items, image_size, window), MEAN, STD, weights, pooling,
                str(amp_dtype)]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
 
@@ -143,7 +143,7 @@ def cached_features(backbone: nn.Module, splits: Sequence[Split], cfg, device: t
         batch_size = max(1, min(batch_size, CPU_BATCH_PIXELS // cfg.data.image_size ** 2))
     out = []
     for split in splits:
-        key = feature_key(split, cfg.data.image_size, weights, cfg.model.pooling, amp_dtype)
+        key = feature_key(split, cfg.data.image_size, cfg.data.window, weights, cfg.model.pooling, amp_dtype)
         features = load_features(folder / f"{key}.npy", len(split), lambda split=split: feature_batches(
             backbone, split, batch_size, device, amp_dtype, cfg.trainer.channels_last))
         out.append(Split(torch.from_numpy(features), split.labels, split.paths, split.skipped,

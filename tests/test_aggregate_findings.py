@@ -27,7 +27,8 @@ CONFIG_HEADER = [
     "model.backbone", "model.dropout", "model.pooling", "model.freeze_backbone", "model.trainable_stages",
     "optimizer.name", "optimizer.weight_decay", "optimizer.momentum", "optimizer.betas", "optimizer.backbone_lr_scale",
     "scheduler.name", "scheduler.warmup_steps", "scheduler.min_lr_scale", "scheduler.step_epochs", "scheduler.gamma",
-    "data.name", "data.image_size", "data.val_fraction", "data.split_seed", "data.augment", "data.hflip", "data.limit",
+    "data.name", "data.image_size", "data.window", "data.val_fraction", "data.split_seed", "data.patient_source",
+    "data.augment", "data.hflip", "data.limit",
     "trainer.batch_size", "trainer.amp", "trainer.grad_clip", "trainer.accumulate_steps", "trainer.patience",
     "trainer.monitor", "trainer.threshold", "trainer.pos_weight"]
 FINDINGS = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]

@@ -119,6 +119,7 @@ def test_cache_build_child_builds_every_image(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["mapped"]["40"]["images"] == 40 and report["in_memory"] == {}
+    assert report["dicom"]["40"]["images"] == 40 and report["dicom"]["40"]["build_img_s"] > 0  # the same pictures
 
 
 @pytest.mark.slow

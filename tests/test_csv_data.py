@@ -167,7 +167,7 @@ def test_item4_csv_val_rows_are_used_not_dropped(drawn, make_cfg, tmp_path, capl
         assert run(cfg, tmp_path / "run", overrides=[])["status"] == "ok"
     data = json.loads((tmp_path / "run" / "result.json").read_text())["data"]
     on_disk = read_rows(tmp_path / "table.csv")
-    assert data["skipped"] == [str(broken)] and data["skipped_files"] == 1
+    assert data["skipped"] == {str(broken): "not an image file"} and data["skipped_files"] == 1
     assert data["train"] + data["val"] + data["test"] == len(on_disk) - data["skipped_files"] == 90
     for split in ("train", "val", "test"):
         assert data[split] == sum(row["Split"] == split and row["Image"] != str(broken) for row in on_disk)

@@ -90,7 +90,7 @@ def test_other_image_size_gets_other_features(frozen_cfg, tmp_path, count_extrac
     assert len(feature_files(cfg)) == len(before) + 3 and count_extractions() == 3
 
 
-def test_key_follows_weights_size_pooling_and_precision(tmp_path):
+def test_key_follows_weights_size_window_pooling_and_precision(tmp_path):
     paths = [tmp_path / "a.jpeg", tmp_path / "b.jpeg"]
     for path in paths:
         path.write_bytes(b"x")
@@ -107,15 +107,16 @@ def test_key_follows_weights_size_pooling_and_precision(tmp_path):
     torch.save(build_backbone("resnet50", None, "flatten", 32).state_dict(), tmp_path / "w.pt")
     assert digest(1, str(tmp_path / "w.pt")) == seed0  # a weights file: keyed by what it holds
 
-    key = features.feature_key(split, 32, seed0, "flatten", None)
-    assert features.feature_key(split, 32, seed0, "flatten", None) == key
-    others = [features.feature_key(split, 48, seed0, "flatten", None),
-              features.feature_key(split, 32, digest(1), "flatten", None),
-              features.feature_key(split, 32, seed0, "avg", None),
-              features.feature_key(split, 32, seed0, "flatten", torch.bfloat16)]
-    assert len({key, *others}) == 5
+    key = features.feature_key(split, 32, "dicom", seed0, "flatten", None)
+    assert features.feature_key(split, 32, "dicom", seed0, "flatten", None) == key
+    others = [features.feature_key(split, 48, "dicom", seed0, "flatten", None),
+              features.feature_key(split, 32, "minmax", seed0, "flatten", None),  # other pictures
+              features.feature_key(split, 32, "dicom", digest(1), "flatten", None),
+              features.feature_key(split, 32, "dicom", seed0, "avg", None),
+              features.feature_key(split, 32, "dicom", seed0, "flatten", torch.bfloat16)]
+    assert len({key, *others}) == 6
     paths[0].write_bytes(b"changed")  # an edited file is other data
-    assert features.feature_key(split, 32, seed0, "flatten", None) != key
+    assert features.feature_key(split, 32, "dicom", seed0, "flatten", None) != key
 
 
 def test_the_head_trains_on_one_cpu_thread_and_the_process_keeps_its_own(frozen_cfg, tmp_path):

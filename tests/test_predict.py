@@ -1,6 +1,7 @@
 """cxr.predict and Grad-CAM on a model trained here: generated images, and real full-size ones."""
 
 import csv
+import logging
 from collections import OrderedDict
 from pathlib import Path
 
@@ -118,6 +119,20 @@ def test_training_logs_gradcam_to_tensorboard(trained):
     events = EventAccumulator(str(out), size_guidance={"images": 0})
     events.Reload()
     assert "test/gradcam" in events.Tags()["images"]
+
+
+def test_a_folder_of_unreadable_files_is_one_line_listing_the_reasons(trained, tmp_path, caplog):
+    from tests.test_dicom import bad_dicoms
+
+    out, _, _ = trained
+    reasons = bad_dicoms(np.zeros((32, 32), np.uint8), tmp_path / "exports")
+    with caplog.at_level(logging.WARNING, logger="cxr.predict"):
+        assert main([f"checkpoint={out / 'best.pt'}", f"inputs={tmp_path / 'exports'}",
+                     f"output={tmp_path / 'predictions.csv'}"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"none of the 5 file(s) in {tmp_path / 'exports'} is a readable")
+    assert all(reason in caplog.text for reason in reasons.values())
+    assert [row["status"] for row in read_rows(tmp_path / "predictions.csv")] == ["unreadable"] * 5
 
 
 def test_cli_refuses_bad_arguments(tmp_path, caplog):

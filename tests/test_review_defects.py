@@ -168,7 +168,8 @@ def test_defect8_frozen_features_reach_the_head_standardised(make_cfg, tmp_path)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
     train = load_dataset(cfg.data).train
     backbone = build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed).backbone
-    key = features.feature_key(train, cfg.data.image_size, weights_digest(backbone), cfg.model.pooling, None)
+    key = features.feature_key(train, cfg.data.image_size, cfg.data.window, weights_digest(backbone), cfg.model.pooling,
+                               None)
     cached = np.load(tmp_path / "cache" / "features" / f"{key}.npy").astype(np.float64)
     assert cached.shape[0] == len(train)
     np.testing.assert_allclose(best["feature_norm.mean"].numpy(), cached.mean(0), rtol=1e-3, atol=1e-4)

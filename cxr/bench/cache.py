@@ -6,7 +6,8 @@ the process (above its RSS after the imports) and of its decode workers, which s
 with the count; beside it (unless --no-compare) the in-memory decode the cache was built from
 before it was a memory map, whose peak grows by count x size^2 bytes (twice that while it stacks).
 A forked worker's RSS counts the parent's pages it shares, so its peak is about the parent's
-baseline.
+baseline. The same pictures as 12-bit rescaled DICOM files (`dicom`: how hospitals export them)
+are then cached the same way, for DICOM's decode img/s beside the JPEGs'.
 """
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cxr.bench.images import image_source, repeat_images
+from cxr.bench.images import dicom_copies, image_source, repeat_images
 from cxr.bench.options import add_common, add_images, add_scale, scale_of, work_folder
 from cxr.bench.timing import machine, peak_rss_mb, publish
 from cxr.data import find_classes, list_files
@@ -88,14 +89,20 @@ def build_in_child(folder: Path, size: int, cache_dir: Path, mode: str) -> dict:
 
 
 def measure(source: Path, scale: Scale, work: Path, compare: bool) -> dict:
-    report = {"size": scale.size, "counts": list(scale.counts), "array_mb": {}, "mapped": {}, "in_memory": {}}
+    """Each count's builds: `mapped` (as cxr trains) and `in_memory` (compare) of the source's
+    images, and `dicom`: the mapped build of the same pictures as DICOM files."""
+    report = {"size": scale.size, "counts": list(scale.counts), "array_mb": {}, "mapped": {}, "in_memory": {},
+              "dicom": {}}
+    dicoms = dicom_copies(source, work / "dicom-source")
     for count in scale.counts:
-        folder = work / f"images-{count}"
-        repeat_images(source, folder, count)
         report["array_mb"][count] = count * scale.size * scale.size / 2**20
-        for mode in ("mapped", "in_memory") if compare else ("mapped",):
-            figures = report[mode][count] = build_in_child(folder, scale.size, work / f"cache-{count}", mode)
-            print(f"cache  {mode:9s} {count:6d} images @{scale.size} px ({report['array_mb'][count]:.0f} MB uint8): "
+        builds = [("mapped", source, "mapped"), *([("in_memory", source, "in_memory")] if compare else []),
+                  ("dicom", dicoms, "mapped")]
+        for name, originals, mode in builds:
+            folder = work / f"{name}-images-{count}"
+            repeat_images(originals, folder, count)
+            figures = report[name][count] = build_in_child(folder, scale.size, work / f"{name}-cache-{count}", mode)
+            print(f"cache  {name:9s} {count:6d} images @{scale.size} px ({report['array_mb'][count]:.0f} MB uint8): "
                   f"{figures['build_img_s']:.0f} img/s, parent peak {figures['peak_mb']:.0f} MB "
                   f"(+{figures['growth_mb']:.0f} over its imports), workers peak {figures['workers_peak_mb']:.0f} MB"
                   + (f", read back in {figures['read_s']:.2f} s" if "read_s" in figures else ""), flush=True)

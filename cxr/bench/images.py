@@ -4,7 +4,9 @@ repeated through links to the count a suite needs, and laid out as the Kaggle da
 Generated image k is drawn from its own seed (seed, k), so any number of processes can draw any
 share of them and the files are the same. Names follow the Kaggle dataset's (IM-XXXXX-0001.jpeg,
 personN_bacteria_N.jpeg), one patient per original image, so validation is carved by patient as
-from the real data; a link repeating an original keeps its name's patient.
+from the real data; a link repeating an original keeps its name's patient. `save_dicom` writes a
+picture as a hospital exports it (12 bits stored, rescaled, windowed, MONOCHROME1 or 2): the cache
+suite times those beside the JPEGs they came from, and tests decode them against their source.
 """
 
 import multiprocessing
@@ -13,7 +15,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from cxr.data import find_classes, list_files
 from cxr.synthetic import render_chest
@@ -106,6 +111,49 @@ def kaggle_layout(items: list[tuple[str, int]], folder: Path) -> Path:
         link = folder / split / label / Path(path).name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.realpath(path))
+    return folder
+
+
+def save_dicom(picture: np.ndarray, path: Path, bits: int = 8, monochrome1: bool = False,
+               rescale: tuple[float, float] | None = None, window: tuple[float, float] | None = None,
+               header: dict | None = None) -> pydicom.Dataset:
+    """`picture` (uint8 greys) as a DICOM file at `path`: stored on `bits` bits (the greys scaled to
+    0..2^bits-1), inverted when `monochrome1`, with a RescaleSlope/Intercept (`rescale`), a
+    WindowCenter/Width (`window`) and any other elements (`header`: name -> value). Its dataset."""
+    top = 2**bits - 1
+    stored = np.rint(picture.astype(np.float64) * top / 255).astype(np.uint16 if bits > 8 else np.uint8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = pydicom.Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "DX"
+    dataset.Rows, dataset.Columns = picture.shape
+    dataset.SamplesPerPixel, dataset.PixelRepresentation = 1, 0
+    dataset.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = stored.itemsize * 8, bits, bits - 1
+    dataset.PixelData = (top - stored if monochrome1 else stored).tobytes()
+    if rescale is not None:
+        dataset.RescaleSlope, dataset.RescaleIntercept = rescale
+    if window is not None:
+        dataset.WindowCenter, dataset.WindowWidth = window
+    for name, value in (header or {}).items():
+        setattr(dataset, name, value)
+    dataset.save_as(path, enforce_file_format=True)
+    return dataset
+
+
+def dicom_copies(source: Path, folder: Path) -> Path:
+    """folder/<class>/<name>.dcm: every image of source/<class>/ as a 12-bit rescaled DICOM file
+    of the same picture (its greys as PIL decodes them)."""
+    for path, _ in list_files(source, find_classes(source)):
+        with Image.open(path) as image:
+            picture = np.asarray(image.convert("L"))
+        copy = folder / Path(path).parent.name / f"{Path(path).stem}.dcm"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        save_dicom(picture, copy, bits=12, rescale=(0.5, -1024.0))
     return folder
 
 

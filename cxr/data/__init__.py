@@ -1,8 +1,9 @@
 """Find the images (class folders or a table), split them by patient, decode them -> `Dataset`.
 
     tables.py   reading CSV tables and parsing label cells (classes; findings: 1/0/-1/blank, joined)
-    layouts.py  the layouts (Kaggle folders, any CSV, NIH, CheXpert), each -> a `Listing`
-    splits.py   who each image's patient is (one function), carving by patient, subsets
+    layouts.py  the layouts (Kaggle folders, any CSV, NIH, CheXpert, RSNA), each -> a `Listing`
+    splits.py   who each image's patient is (one function; a DICOM header's PatientID only as a
+                salted hash), carving by patient, subsets
     dataset.py  `load_dataset` -> `Dataset`: validation carved, every split decoded
     errors.py   `DataError`, the one-line error of an unusable dataset
 

@@ -13,6 +13,7 @@ from cxr.data.errors import DataError
 from cxr.data.layouts import LAYOUTS, SPLITS, Listing
 from cxr.data.splits import split_by_patient, subset
 from cxr.decoding import Split, load_split
+from cxr.pixels import DecoderMissing
 from cxr.task import UNKNOWN, Task
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ class Dataset:
         return list(self.task.classes)
 
     @property
-    def skipped(self) -> list[str]:
-        return self.train.skipped + self.val.skipped + self.test.skipped
+    def skipped(self) -> dict[str, str]:
+        """Every split's unreadable files, each with the reason it was skipped."""
+        return {**self.train.skipped, **self.val.skipped, **self.test.skipped}
 
 
 def label_counts(split: Split, findings: list[str]) -> dict[str, dict[str, int]]:
@@ -58,6 +60,14 @@ def check_train_labels(listing: Listing, train: Split) -> None:
                 raise DataError(f"no readable images in {listing.where('train', name)}")
 
 
+def first_reason(skipped: dict[str, str]) -> str:
+    """The first skipped file and why, for a one-line error about a split that has no image left."""
+    if not skipped:
+        return ""
+    path, reason = next(iter(skipped.items()))
+    return f" ({len(skipped)} skipped; {path}: {reason})"
+
+
 def load_dataset(data_cfg) -> Dataset:
     """Everything `run()` needs from the data config: classes and three decoded splits."""
     listing = LAYOUTS[data_cfg.layout](data_cfg)
@@ -70,11 +80,16 @@ def load_dataset(data_cfg) -> Dataset:
     splits = {}
     for name in SPLITS:
         chosen = subset(items[name], data_cfg.limit, data_cfg.split_seed, listing.task)
-        splits[name] = load_split(chosen, data_cfg.image_size, cache_dir, data_cfg.decode_workers, name)
+        try:
+            splits[name] = load_split(chosen, data_cfg.image_size, cache_dir, data_cfg.decode_workers, name,
+                                      data_cfg.window)
+        except DecoderMissing as error:  # every file of such an export is compressed alike: not a skip
+            raise DataError(str(error)) from None
         if len(splits[name]) == 0:
-            raise DataError(f"no readable images in {listing.where(name)}")
+            raise DataError(f"no readable images in {listing.where(name)}{first_reason(splits[name].skipped)}")
     check_train_labels(listing, splits["train"])
     dataset = Dataset(listing.root, listing.task, **splits, patients=listing.patients.source)
     if dataset.skipped:
-        log.warning("skipped %d unreadable file(s): %s", len(dataset.skipped), ", ".join(dataset.skipped))
+        log.warning("skipped %d unreadable file(s): %s", len(dataset.skipped),
+                    ", ".join(f"{path} ({reason})" for path, reason in dataset.skipped.items()))
     return dataset

@@ -4,6 +4,7 @@ folders   the Kaggle layout root/{train,val,test}/<class>/ (data=chest_xray, the
 csv       any table of image paths and labels (data=csv)
 nih       NIH ChestX-ray14: Data_Entry_2017.csv, images*/, test_list.txt (data=nih)
 chexpert  CheXpert: train.csv and valid.csv (data=chexpert)
+rsna      RSNA Pneumonia Detection: stage_2_train_labels.csv, stage_2_train_images/*.dcm (data=rsna)
 
 A layout lists the (path, label) items of each split and who each image's patient is; carving
 validation and decoding are cxr.data.dataset's. Tables are read by cxr.data.tables.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr.data.errors import DataError
-from cxr.data.splits import CHEXPERT_PATH, COLUMN, FILE_NAME, Patients, split_by_patient
+from cxr.data.splits import CHEXPERT_PATH, COLUMN, FILE_NAME, Patients, layout_patients, split_by_patient
 from cxr.data.tables import (
     Rows,
     chosen_findings,
@@ -123,7 +124,7 @@ def index_folders(data_cfg) -> Listing:
     items = {"train": list_files(root / "train", classes),
              "val": list_files(root / "val", classes) if official else [],
              "test": list_files(root / "test", classes)}
-    patients = Patients()  # train's: validation is carved from it
+    patients = layout_patients(data_cfg)  # train's: validation is carved from it
     for path, _ in items["train"]:
         patients.add(path)
     return Listing(root, Task.of(classes, multilabel=False), items, patients)
@@ -161,7 +162,7 @@ def table_listing(data_cfg, rows: Rows, root: Path, task: Task, label_of, source
     """
     items: dict[str, list] = {name: [] for name in SPLITS}
     located: dict[str, int] = {}  # image -> its line
-    patients = Patients(patient_rule)
+    patients = layout_patients(data_cfg, patient_rule)
     for line, row in rows:
         image = os.path.normpath(os.path.join(root, row["path_column"]))
         if image in located:
@@ -304,4 +305,35 @@ def index_chexpert(data_cfg) -> Listing:
                          CHEXPERT_PATH)
 
 
-LAYOUTS = {"folders": index_folders, "csv": index_csv, "nih": index_nih, "chexpert": index_chexpert}
+RSNA_TABLE = "stage_2_train_labels.csv"
+RSNA_IMAGES = "stage_2_train_images"
+# the Kaggle folders' class names, so that a model trained on either set can be scored on the other
+RSNA_CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+def index_rsna(data_cfg) -> Listing:
+    """data=rsna: the RSNA Pneumonia Detection Challenge's stage_2_train_labels.csv (patientId, a
+    box x, y, width, height, Target; one row per box, one row with Target 0 for an image without)
+    and stage_2_train_images/<patientId>.dcm. One label per image: PNEUMONIA when any of its rows
+    has Target 1 (a box), else NORMAL; the patient is patientId; test is carved by patient
+    (data.test_fraction)."""
+    root = dataset_folder(data_cfg.root)
+    table = root / RSNA_TABLE
+    source = str(table)
+    pneumonia: dict[str, bool] = {}  # patientId -> any box, in the table's order
+    first_line: dict[str, int] = {}
+    for line, row in read_table(table, {"path_column": "patientId", "label_column": "Target"}, source):
+        if row["label_column"] not in ("0", "1"):
+            raise DataError(f"{source} line {line}: Target {row['label_column']!r} is not 0 or 1")
+        patient = row["path_column"]
+        first_line.setdefault(patient, line)
+        pneumonia[patient] = pneumonia.get(patient, False) or row["label_column"] == "1"
+    rows = [(first_line[patient], {"path_column": f"{RSNA_IMAGES}/{patient}.dcm", "patient_column": patient,
+                                   "label_column": RSNA_CLASSES[int(boxed)]}) for patient, boxed in pneumonia.items()]
+    classes = list(RSNA_CLASSES)
+    return table_listing(data_cfg, rows, root, Task.of(classes, multilabel=False), class_labels(classes), source,
+                         False, table, f"{COLUMN} patientId")
+
+
+LAYOUTS = {"folders": index_folders, "csv": index_csv, "nih": index_nih, "chexpert": index_chexpert,
+           "rsna": index_rsna}

@@ -3,18 +3,34 @@
 Validation (and, for a table without a split column, test) is carved by patient, so that
 near-duplicate views of one patient never sit on both sides; `patient_id` is the one place that
 decides who an image belongs to. `subset` cuts a split down for quick checks (data.limit).
+
+With data.patient_source=dicom the patient is each DICOM header's PatientID, kept only as a salted
+hash (HMAC-SHA256): patients are grouped by it, and nothing that could ever be written (a split,
+a log line, result.json) holds the ID itself. The salt is a secret of the cache dir
+(<data.cache_dir>/patient-salt, 32 random bytes made on first use, readable by its owner alone),
+not a value derived from the config: IDs are often short numbers, and a hash salted with
+something written in .hydra/config.yaml (data.split_seed) could be reversed by trying every
+number. The cache dir already holds the decoded images of the dataset, so it is no less private
+than the salt. Sweep jobs and later runs on one cache dir share the salt, so their splits agree;
+elsewhere copy the salt file to carve the same splits.
 """
 
+import hashlib
+import hmac
 import logging
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
 from sklearn.model_selection import StratifiedShuffleSplit
 
 from cxr.data.errors import DataError
+from cxr.files import atomic_write, exclusive
 from cxr.task import Task
 
 log = logging.getLogger(__name__)
@@ -22,6 +38,10 @@ log = logging.getLogger(__name__)
 # How a patient was told, as result.json's data.patients says it: "column <name>" (a table's
 # patient column), CheXpert's patient folder, a Kaggle file name, or none (the image alone)
 COLUMN, CHEXPERT_PATH, FILE_NAME, PER_IMAGE = "column", "CheXpert path", "file name pattern", "per image"
+DICOM_HEADER = "DICOM PatientID (salted hash)"
+# data.patient_source: the layout's own rule (above), or each DICOM header's PatientID
+PATIENT_SOURCES = ("layout", "dicom")
+SALT_FILE = "patient-salt"
 # Kaggle's file names: IM-0001-0001.jpeg, NORMAL2-IM-1427-0001.jpeg, person12_bacteria_45.jpeg
 FILE_NAME_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),
@@ -40,6 +60,8 @@ def patient_id(path: str, rule: str = FILE_NAME, cell: str = "") -> tuple[str, s
     FILE_NAME        a Kaggle file name (IM-0001-0001.jpeg -> IM-0001, person12_bacteria_45.jpeg ->
                      PERSON12); else PER_IMAGE: the image alone, named by its path (two files of one
                      name in two folders are two patients)
+    DICOM_HEADER     `cell`: the salted hash of the file's PatientID (`dicom_patient`); else (no
+                     PatientID, or no readable DICOM header) PER_IMAGE
 
     Errors are ValueErrors, given a line by the table's reader.
     """
@@ -53,6 +75,8 @@ def patient_id(path: str, rule: str = FILE_NAME, cell: str = "") -> tuple[str, s
             raise ValueError(f"no patient folder (patientNNNNN) in path {path!r}; CheXpert lists each image "
                              "under its patient's folder")
         return match.group(1), rule
+    if rule == DICOM_HEADER:
+        return (cell, rule) if cell else (path, PER_IMAGE)
     name = Path(path).name
     for pattern in FILE_NAME_PATTERNS:
         match = pattern.match(name)
@@ -65,12 +89,14 @@ class Patients:
     """Who each image belongs to, told by `patient_id` under one layout's rule, and how many images
     were told each way (result.json's data.patients: `source`)."""
 
-    def __init__(self, rule: str = FILE_NAME):
-        self.rule, self.of, self.told = rule, {}, Counter()
+    def __init__(self, rule: str = FILE_NAME, salt: bytes = b""):
+        self.rule, self.salt, self.of, self.told = rule, salt, {}, Counter()
 
     def add(self, image: str, listed: str | None = None, cell: str = "") -> None:
         """`image`'s patient, from its path as a table lists it (`listed`; default: `image`) and the
-        table's patient cell."""
+        table's patient cell (DICOM_HEADER: the file's hashed PatientID instead)."""
+        if self.rule == DICOM_HEADER:
+            cell = dicom_patient(image, self.salt)
         patient, how = patient_id(listed or image, self.rule, cell)
         self.of[image] = patient
         self.told[how] += 1
@@ -84,16 +110,51 @@ class Patients:
     def source(self) -> str:
         total = sum(self.told.values())
         if 0 < self.per_image < total:
-            return f"{FILE_NAME}, {PER_IMAGE} for {self.per_image} of {total} images"
+            return f"{self.rule}, {PER_IMAGE} for {self.per_image} of {total} images"
         return PER_IMAGE if self.per_image else self.rule
 
     def warn_if_per_image(self) -> None:
         """Said once, before carving a split: images of one patient may then land on both sides."""
-        if self.per_image:
+        if self.per_image and self.rule == DICOM_HEADER:
+            log.warning("patients: %d of %d images have no PatientID in a readable DICOM header, so each is its "
+                        "own patient (data.patient_source=dicom)", self.per_image, sum(self.told.values()))
+        elif self.per_image:
             log.warning("patients: %d of %d images have no patient column and a file name no pattern knows "
                         "(IM-XXXX, personN_bacteria/virus), so each is its own patient: views of one patient can "
                         "land in both train and validation or test (data=csv with data.patient_column names "
                         "them)", self.per_image, sum(self.told.values()))
+
+
+def layout_patients(data_cfg, rule: str = FILE_NAME) -> Patients:
+    """A layout's patients: by its own `rule`, or by DICOM header (data.patient_source=dicom)."""
+    if data_cfg.patient_source == "dicom":
+        return Patients(DICOM_HEADER, patient_salt(Path(data_cfg.cache_dir).expanduser()))
+    return Patients(rule)
+
+
+def dicom_patient(path: str, salt: bytes) -> str:
+    """The salted hash (HMAC-SHA256, 16 hex digits) of the file's PatientID; "" when it has none or
+    is not a readable DICOM file. PatientID is the one element parsed; only its hash is returned."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+        return ""
+    patient = str(header.get("PatientID") or "").strip()
+    return hmac.new(salt, patient.encode(), hashlib.sha256).hexdigest()[:16] if patient else ""
+
+
+def patient_salt(cache_dir: Path) -> bytes:
+    """The cache dir's secret salt (see the module's docstring): 32 random bytes, made on first use."""
+    path = cache_dir / SALT_FILE
+
+    def write_salt(file) -> None:
+        os.fchmod(file.fileno(), 0o600)  # before the salt is in it
+        file.write(os.urandom(32))
+
+    with exclusive(cache_dir / f".{SALT_FILE}.lock"):  # sweep jobs started together: one salt
+        if not path.exists():
+            atomic_write(path, write_salt)
+        return path.read_bytes()
 
 
 def split_by_patient(items: list[tuple[str, int]], fraction: float, seed: int,

@@ -30,7 +30,8 @@ import torch
 log = logging.getLogger("cxr")
 
 BINS = 15
-# T is kept within these bounds: a finding with one class in validation would drive it to 0 or infinity
+# T is kept within these bounds: logits that lean to one side drive it to infinity (the NLL falls
+# towards that of answering 1/2 everywhere)
 TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
@@ -115,7 +116,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, task) -> float | lis
         return loss
 
     optimizer.step(closure)
-    temperature = log_t.detach().exp().clamp(*TEMPERATURE_RANGE)
+    fitted = log_t.detach().exp()
+    temperature = fitted.clamp(*TEMPERATURE_RANGE)
+    if (fitted > TEMPERATURE_RANGE[1]).any():
+        log.warning("temperature scaling: the validation NLL keeps falling as T grows, up to T = %g, where every "
+                    "probability is about 1/2: the logits lean to one side more than they are over-confident, "
+                    "which no temperature fixes", TEMPERATURE_RANGE[1])
     unbounded = task.all_right(logits, labels)
     if unbounded.any():
         kept = [name for name, flag in zip(task.classes, unbounded.tolist(), strict=False) if flag]

@@ -144,6 +144,16 @@ def test_a_temperature_stays_one_where_validation_answers_everything_right(caplo
     assert "every entry of Effusion, Edema right" in caplog.text
 
 
+def test_logits_leaning_to_one_side_reach_the_upper_bound_with_a_warning(caplog):
+    # ranked right (the positives' margins are the larger) but every image leans to NORMAL, the six
+    # positives more than the two negatives: the NLL falls as T grows towards answering 1/2
+    # everywhere (its slope in 1/T at 0 is -mean(sign x margin) / 2 = +1.7 / 16 > 0; convex in 1/T)
+    margins = np.array([-1.5, -1.3, -1.0, -0.9, -0.8, -0.7, -0.6, -0.5])
+    logits, labels = np.stack([np.zeros(8), margins], axis=1), np.array([0, 0, 1, 1, 1, 1, 1, 1])
+    assert fit_temperature(logits, labels, BINARY) == 100.0
+    assert "the validation NLL keeps falling as T grows" in caplog.text
+
+
 def test_an_unknown_calibration_is_refused_before_anything_runs(make_cfg):
     with pytest.raises(ConfigError, match="trainer.calibration must be none|temperature, got platt"):
         validate(make_cfg("trainer.calibration=platt"))

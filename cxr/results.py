@@ -88,9 +88,11 @@ def split_metrics(split: str, loss: float, metrics: dict) -> dict:
 
 def tested(task, labels, probs, threshold, loss: float, resamples: int) -> dict:
     """What result.json reports of a test split scored at `threshold` (chosen on validation): its
-    `test/...` metrics, their bootstrap intervals, the confusion matrix, the majority rate, the
-    findings a macro mean averages (multi-label), and the warnings of a result that means nothing.
-    One function for every tool that tests a model (cxr.train, cxr.evaluate)."""
+    `test/...` metrics (calibration included: cxr.task's `metrics`), their bootstrap intervals,
+    the confusion matrix, the majority rate, the findings a macro mean averages (multi-label), and
+    the warnings of a result that means nothing. One function for every tool that tests a model
+    (cxr.train, cxr.evaluate); `probs` are already calibrated where the model was (best.pt's
+    temperature through Task.probabilities)."""
     return {
         "threshold": threshold,
         "metrics": {**split_metrics("test", loss, task.metrics(labels, probs, threshold)),

@@ -38,7 +38,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from cxr import results  # noqa: E402
+from cxr import compare, results  # noqa: E402
 from cxr.config import keys_with  # noqa: E402
 from cxr.results import OK, RESULT_FILE  # noqa: E402
 from cxr.tensorboard import write_experiment  # noqa: E402
@@ -55,7 +55,9 @@ SPLIT_COLORS = (("train", "tab:blue"), ("val", "tab:orange"))
 class Column:
     header: str  # results.md and the terminal (the seed's names come first)
     key: str  # results.csv: the name used in result.json and TensorBoard
-    kind: str = "text"  # how it is shown: text | int | percent | auroc | lr | ms | interval | flag
+    # how it is shown: text | int | percent | auroc | lr | ms | interval | flag, and for differences
+    # delta (+0.012) | delta_percent | delta_interval | delta_percent_interval | p
+    kind: str = "text"
     better: str | None = None  # max | min for metrics: the best value is bold, seeds are averaged
 
 
@@ -80,6 +82,8 @@ COLUMNS = SEED_COLUMNS + (
     Column("Test AUROC", "test/auroc", "auroc", "max"),
     Column("Sensitivity", "test/sensitivity", "percent", "max"),
     Column("Specificity", "test/specificity", "percent", "max"),
+    # expected calibration error of the test probabilities (15 equal-width bins; cxr.calibration)
+    Column("ECE", "test/ece", "auroc", "min"),
     Column("Best Epoch", "best_epoch", "int"),
     # only where trainer.patience stopped a run (an empty column is left out of results.md)
     Column("Stopped At", "stopped_epoch", "int"),
@@ -97,6 +101,12 @@ COLUMNS = SEED_COLUMNS + (
 # results.md where the sweep's jobs differ in it
 CONFIG_COLUMNS = tuple(Column(key, key) for key in keys_with("describes")
                        if key not in {c.key for c in COLUMNS} | {"variant", "trainer.epochs"})
+# the tests behind a difference's p (cxr.compare's p_test)
+TEST_NAMES = {"DeLong": "DeLong's test", "bootstrap": "the paired bootstrap test (z = Δ / sd of its resamples)"}
+# (low, high) pairs: two columns each in results.csv
+INTERVAL_KINDS = ("interval", "delta_interval", "delta_percent_interval")
+# the spread of a difference is shown without a sign
+UNSIGNED = {"delta": "auroc", "delta_percent": "percent"}
 N_COLUMN = Column("n", "n", "int")  # grouped rows only: the seeds that finished
 # multi-label runs: a value per finding of these, keyed `<metric>/<finding>` as in result.json
 FINDING_METRICS = (("test/auroc", "auroc"), ("test/sensitivity", "percent"),
@@ -109,6 +119,37 @@ def finding_columns(findings: list[str], metrics=FINDING_METRICS) -> tuple[Colum
     """A column per finding and metric (`test/auroc/Effusion`), headed by the finding's name."""
     return tuple(Column(finding, f"{metric}/{finding}", kind, "max")
                  for metric, kind in metrics for finding in findings)
+
+
+# the differences section (cxr.compare): each job against the chosen row's job, on the same images
+DIFFERENCE_COLUMNS = (
+    Column("Compared With", "compared_with"),
+    Column("ΔAUROC", "diff/auroc", "delta"),
+    Column("ΔAUROC 95% CI", "diff/auroc_ci95", "delta_interval"),
+    Column("ΔBalanced Acc", "diff/balanced_acc", "delta_percent"),
+    Column("ΔBalanced Acc 95% CI", "diff/balanced_acc_ci95", "delta_percent_interval"),
+    Column("p", "p", "p"),
+    Column("Test", "p_test"),
+    Column("p (Holm)", "p_holm", "p"),
+    Column("Verdict", "verdict"),
+)
+# with seeds: each variant's same-seed differences over its seeds
+SEED_DIFFERENCE_COLUMNS = (
+    Column("Seeds Compared", "seeds_compared", "int"),
+    Column("ΔAUROC over Seeds", "diff/auroc", "delta"),
+    # the mean half-width of the per-seed paired intervals: how much the images alone move ΔAUROC
+    Column("Test-Set Noise (±)", "test_noise", "auroc"),
+    Column("ΔBalanced Acc over Seeds", "diff/balanced_acc", "delta_percent"),
+    Column("Seed Verdicts", "seed_verdicts"),
+    Column("Verdict", "verdict"),
+)
+# multi-label: each finding's AUROC difference and its DeLong p (raw and Holm-adjusted)
+FINDING_DIFFERENCES = (("diff/auroc", "Δ", "delta"), ("p", "p", "p"), ("p_holm", "p (Holm)", "p"))
+
+
+def finding_difference_columns(findings: list[str], parts=FINDING_DIFFERENCES) -> tuple[Column, ...]:
+    return tuple(Column(f"{finding} {header}", f"{key}/{finding}", kind)
+                 for key, header, kind in parts for finding in findings)
 
 
 @dataclass(frozen=True)
@@ -277,16 +318,83 @@ def build_report(jobs: list[tuple[Path, dict]]) -> Report:
     for (_, result), row in zip(jobs, rows, strict=True):
         groups.setdefault(model_label(result, [k for k in varying if k != "seed"]), []).append(row)
     varying = tuple(c for c in CONFIG_COLUMNS if len({repr(row[c.key]) for row in rows}) > 1)
-    if all(len(members) == 1 for members in groups.values()):
-        return Report(rows, None, findings=findings, varying=varying)
-    columns = COLUMNS + CONFIG_COLUMNS + finding_columns(findings)
-    variants = [variant_row(label, members, columns) for label, members in groups.items()]
-    mark_best(variants)
-    return Report(rows, variants, findings=findings, varying=varying)
+    variants = None
+    if any(len(members) > 1 for members in groups.values()):
+        columns = COLUMNS + CONFIG_COLUMNS + finding_columns(findings)
+        variants = [variant_row(label, members, columns) for label, members in groups.items()]
+        mark_best(variants)
+    report = Report(rows, variants, findings=findings, varying=varying)
+    add_differences(jobs, report)
+    return report
+
+
+def references(report: Report) -> dict[int, int | None]:
+    """Which job each job is compared with (indices into report.jobs): the chosen job; with seeds,
+    the chosen variant's job of the same seed (None: it has none). The chosen jobs are left out."""
+    if report.variants is None:
+        chosen = [i for i, row in enumerate(report.jobs) if row["best_val_auroc"]]
+        return {i: chosen[0] for i in range(len(report.jobs)) if chosen and i != chosen[0]}
+    chosen = next((variant for variant in report.variants if variant["best_val_auroc"]), None)
+    if chosen is None:
+        return {}
+    own = {id(job) for job in chosen["jobs"]}
+    by_seed = {row["seed"]: i for i, row in enumerate(report.jobs) if id(row) in own}
+    return {i: by_seed.get(row["seed"]) for i, row in enumerate(report.jobs) if id(row) not in own}
+
+
+def add_differences(jobs: list[tuple[Path, dict]], report: Report) -> None:
+    """Each job's difference from its reference (cxr.compare: same test images, paired bootstrap,
+    DeLong, Holm across the jobs) into its row; with seeds, each variant's over its seeds."""
+    pairs = references(report)
+    compared = [(i, j) for i, j in pairs.items() if j is not None]
+    for (i, j), difference in zip(compared, compare.differences([(jobs[i], jobs[j]) for i, j in compared]),
+                                  strict=True):
+        report.jobs[i].update(difference, compared_with=report.jobs[j]["model"])
+    for i, j in pairs.items():
+        if j is None:
+            report.jobs[i]["verdict"] = f"not compared: the chosen variant has no job of seed {report.jobs[i]['seed']}"
+    for j in set(pairs.values()) - {None}:
+        report.jobs[j]["verdict"] = "reference"
+    for variant in report.variants or []:
+        variant.update(seed_differences(variant["jobs"]))
+
+
+def seed_differences(jobs: list[dict]) -> dict:
+    """A variant's same-seed differences over its seeds: ΔAUROC and Δbalanced accuracy as Spread
+    (their sd is training noise), the mean half-width of the per-seed intervals (test-set noise),
+    the verdicts, and the variant's: better or worse only when every seed's comparison says so."""
+    compared = [job for job in jobs if "p_holm" in job]
+    if not compared:  # the chosen variant ("reference"), or none of its seeds could be compared
+        verdicts = {job.get("verdict") for job in jobs}
+        return {"verdict": verdicts.pop() if len(verdicts) == 1 else "not compared"}
+    verdicts = [job["verdict"] for job in compared]
+    half_widths = [(ci[1] - ci[0]) / 2 for ci in (job["diff/auroc_ci95"] for job in compared) if ci]
+    return {"seeds_compared": len(compared),
+            "diff/auroc": Spread.of([job["diff/auroc"] for job in compared]),
+            "diff/balanced_acc": Spread.of([job["diff/balanced_acc"] for job in compared]),
+            "test_noise": float(np.mean(half_widths)) if half_widths else None,
+            "seed_verdicts": ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)),
+            "verdict": verdicts[0] if len(set(verdicts)) == 1 else "within noise"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing it
+
+
+# how a Column's kind shows a value (text and int: as it is)
+FORMATS = {
+    "percent": lambda v: f"{100 * v:.1f}",
+    "interval": lambda v: f"[{100 * v[0]:.1f}, {100 * v[1]:.1f}]",
+    "auroc": lambda v: f"{v:.3f}",
+    "lr": lambda v: f"{v:g}",
+    "ms": lambda v: f"{v:.0f}",
+    "flag": lambda v: "yes" if v else "",
+    "delta": lambda v: f"{v:+.3f}",
+    "delta_percent": lambda v: f"{100 * v:+.1f}",
+    "delta_interval": lambda v: f"[{v[0]:+.3f}, {v[1]:+.3f}]",
+    "delta_percent_interval": lambda v: f"[{100 * v[0]:+.1f}, {100 * v[1]:+.1f}]",
+    "p": lambda v: "<0.001" if v < 0.001 else f"{v:.3f}",
+}
 
 
 def show(value, kind: str) -> str:
@@ -294,22 +402,10 @@ def show(value, kind: str) -> str:
         return "—"
     if isinstance(value, Spread):
         mean = show(value.mean, kind)
-        return mean if value.n < 2 else f"{mean} ± {show(value.std, kind)}"
+        return mean if value.n < 2 else f"{mean} ± {show(value.std, UNSIGNED.get(kind, kind))}"
     if isinstance(value, list):  # the distinct values of a group
         return ", ".join(show(v, kind) for v in value)
-    if kind == "percent":
-        return f"{100 * value:.1f}"
-    if kind == "interval":
-        return f"[{100 * value[0]:.1f}, {100 * value[1]:.1f}]"
-    if kind == "auroc":
-        return f"{value:.3f}"
-    if kind == "lr":
-        return f"{value:g}"
-    if kind == "ms":
-        return f"{value:.0f}"
-    if kind == "flag":
-        return "yes" if value else ""
-    return str(value)
+    return FORMATS.get(kind, str)(value)
 
 
 def best_values(rows: list[dict], columns) -> dict[str, float]:
@@ -363,7 +459,7 @@ MULTILABEL_NOTE = (
 
 
 def notes(report: Report) -> list[str]:
-    """What the numbers mean, and which differences in test accuracy are real."""
+    """What the numbers mean (which differences are real: `differences_section`)."""
     # one image is one decision of a single-label run only (a multi-label image holds several)
     sizes = sorted({job["test_size"] for job in report.jobs
                     if job["test_size"] and not job["findings"]})
@@ -395,19 +491,43 @@ def notes(report: Report) -> list[str]:
     lines.append("Best (val AUROC): the row with the highest validation AUROC, which is how a "
                  "variant or an Optuna trial is chosen; test metrics never take part in the "
                  "choice.")
-    rows = report.variants if report.variants is not None else report.jobs
-    chosen = next((r for r in rows if r["best_val_auroc"]), None)
-    if chosen is not None and chosen["test/acc_ci95"] is not None:
-        low, high = chosen["test/acc_ci95"]
-        others = [r for r in rows if r is not chosen and r["test/acc_ci95"] is not None]
-        apart = [r["model"] for r in others
-                 if r["test/acc_ci95"][1] < low or r["test/acc_ci95"][0] > high]
-        within = [r["model"] for r in others if r["model"] not in apart]
-        lines.append(f"Real differences: 95% intervals that do not overlap the chosen row's "
-                     f"({chosen['model']}, [{100 * low:.1f}, {100 * high:.1f}]): "
-                     f"{', '.join(apart) or 'none'}; within noise of it: "
-                     f"{', '.join(within) or 'none'} (non-overlap is a conservative test).")
+    lines.append("ECE: expected calibration error of the test probabilities (15 equal-width bins; 0 is "
+                 "perfectly calibrated); result.json holds the equal-mass ECE, Brier score and NLL beside it. "
+                 "Whether a row differs from the chosen one beyond noise: the differences section below.")
     return lines
+
+
+def differences_section(report: Report) -> list[str]:
+    """## Differences from the chosen row: every job against its reference on the same test images
+    (cxr.compare), per finding for multi-label sweeps, and over seeds for variants."""
+    rows = report.variants if report.variants is not None else report.jobs
+    chosen = next((row for row in rows if row["best_val_auroc"]), None)
+    if chosen is None:
+        return []
+    tests = sorted({job["p_test"] for job in report.jobs if job.get("p_test")})
+    text = (f"Each job against **{chosen['model']}** (the best validation AUROC), both models scored on the "
+            "same test images (a job tested on other images is not compared). Δ = job − chosen; 95% CI: "
+            f"paired bootstrap, {compare.RESAMPLES} resamples of the same image indices for both, stratified by "
+            f"class. p: {' or '.join(TEST_NAMES[t] for t in tests) or '—'} for the AUROC difference; p (Holm): "
+            f"adjusted across the comparisons. Verdict: better or worse where p (Holm) < {compare.ALPHA}, else "
+            "within noise. A difference may be real and still too small to matter: read the interval.")
+    if report.variants is not None:
+        text += (" With seeds, each job is compared with the chosen variant's job of the same seed. Over "
+                 "Seeds: the mean ± sd of those differences; the sd is training noise (how much the "
+                 "difference moves with the seed), Test-Set Noise the mean half-width of their intervals "
+                 "(how much it moves with the images). A variant is better or worse only when every seed's "
+                 "comparison says so.")
+    model, verdict = COLUMNS[0], DIFFERENCE_COLUMNS[-1]
+    section = ["## Differences from the chosen row", text,
+               markdown_table(report.jobs, (model, *DIFFERENCE_COLUMNS), keep=(model, verdict))]
+    if report.findings:
+        columns = (model, *finding_difference_columns(report.findings, FINDING_DIFFERENCES[::2]))
+        section += ["### ΔAUROC per finding (DeLong p, Holm-adjusted across the jobs)",
+                    markdown_table(report.jobs, columns, keep=columns)]
+    if report.variants is not None:
+        columns = (model, *SEED_DIFFERENCE_COLUMNS)
+        section += ["### Over seeds", markdown_table(report.variants, columns, keep=(model, verdict))]
+    return section
 
 
 def write_markdown(report: Report, path: Path) -> str:
@@ -423,26 +543,30 @@ def write_markdown(report: Report, path: Path) -> str:
         columns = (COLUMNS[0], *finding_columns(report.findings, FINDING_METRICS[:1]),
                    MEAN_AUROC_COLUMN)
         sections[1:1] = ["## Test AUROC per finding", markdown_table(rows, columns, keep=columns)]
-    body = "\n\n".join(["# Sweep results", *sections, "\n".join(f"- {n}" for n in notes(report))])
+    body = "\n\n".join(["# Sweep results", *sections, "\n".join(f"- {n}" for n in notes(report)),
+                         *differences_section(report)])
     path.write_text(body + "\n")
     return main
 
 
 def write_csv(jobs: list[dict], path: Path, findings: list[str] = ()) -> None:
     """One row per job with raw values (fractions, not percent), keyed by the result.json names;
-    multi-label sweeps: then the per-finding metrics (`test/auroc/<finding>`, ...)."""
+    multi-label sweeps: then the per-finding metrics (`test/auroc/<finding>`, ...); then the
+    difference from the chosen row (`diff/auroc`, its interval, p, p_holm, verdict; per finding)."""
+    columns = (COLUMNS + CONFIG_COLUMNS + finding_columns(findings) + DIFFERENCE_COLUMNS
+               + finding_difference_columns(findings))
+    intervals = [column.key for column in columns if column.kind in INTERVAL_KINDS]
     header = ["job", "overrides"]
-    for column in COLUMNS + CONFIG_COLUMNS + finding_columns(findings):
-        is_interval = column.kind == "interval"
-        header += [f"{column.key}_low", f"{column.key}_high"] if is_interval else [column.key]
+    for column in columns:
+        header += [f"{column.key}_low", f"{column.key}_high"] if column.key in intervals else [column.key]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         for job in jobs:
             row = {k: ("" if v is None else v) for k, v in job.items()}
-            low, high = job["test/acc_ci95"] or ("", "")
-            row.update({"test/acc_ci95_low": low, "test/acc_ci95_high": high,
-                        "best_val_auroc": str(job["best_val_auroc"]).lower()})
+            for key in intervals:
+                row[f"{key}_low"], row[f"{key}_high"] = job.get(key) or ("", "")
+            row["best_val_auroc"] = str(job["best_val_auroc"]).lower()
             writer.writerow(row)
 
 

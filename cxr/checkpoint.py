@@ -6,7 +6,9 @@
     best.pt   the weights of the best epoch by validation, and what cxr.predict needs to use
               them: the task (its kind and classes or findings, cxr.task), image size, data.window
               (how grey values became 0..255), normalisation, the network's shape, the threshold
-              (multi-label: one per finding)
+              (multi-label: one per finding) and the temperature its logits are divided by
+              (trainer.calibration=temperature; null: none), the threshold then chosen on the
+              calibrated validation probabilities
 
 With a frozen backbone both hold only what trains (feature standardisation + head, a few hundred
 KB) and a reference to the backbone: its weights setting, the seed of a random init and a digest
@@ -33,10 +35,12 @@ from cxr.task import Task
 log = logging.getLogger("cxr")
 
 # bump when the layout changes: older files are refused with a message instead of misread
-CHECKPOINT_VERSION = 5  # 5: the task (kind and classes) instead of the classes alone
+# 5: the task (kind and classes) instead of the classes alone; 6: best.pt's temperature (an older
+# cxr would apply a calibrated threshold to uncalibrated probabilities)
+CHECKPOINT_VERSION = 6
 LAST, BEST = "last.pt", "best.pt"
 # what predict needs from best.pt
-INFERENCE_KEYS = ("model", "task", "image_size", "mean", "std", "threshold", "model_config")
+INFERENCE_KEYS = ("model", "task", "image_size", "mean", "std", "threshold", "temperature", "model_config")
 
 
 class CheckpointError(Exception):
@@ -120,7 +124,7 @@ class Checkpoints:
             return
         weights = trained_state(self.model, self.frozen) if weights is None else weights
         save_checkpoint({"model": weights, "backbone": self.backbone, "epoch": epoch,
-                         "threshold": threshold, "task": self.task.state(),
+                         "threshold": threshold, "temperature": None, "task": self.task.state(),
                          "image_size": self.cfg.data.image_size, "window": self.cfg.data.window,
                          "mean": list(MEAN), "std": list(STD),
                          "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
@@ -161,6 +165,13 @@ class Checkpoints:
         best = load_checkpoint(self.best_path, map_location=self.runtime.device)
         self.model.load_state_dict(best["model"], strict=not self.frozen)
         return best["threshold"]
+
+    def save_calibration(self, threshold: float | list[float], temperature: float | list[float]) -> None:
+        """best.pt with the temperature fitted on its validation logits and the threshold chosen
+        on the calibrated validation probabilities (cxr.calibration), in place of its own."""
+        if self.runtime.is_main:
+            save_checkpoint({**load_checkpoint(self.best_path), "threshold": threshold, "temperature": temperature},
+                            self.best_path)
 
     def remove_last(self) -> None:
         if self.runtime.is_main:

@@ -174,6 +174,9 @@ class TrainerConfig:
     patience: int | None = described(None)
     monitor: str = described("val/auroc")  # metric that picks best.pt (cxr.engine.MONITORS)
     threshold: str = described("0.5")  # 0.5 (or any number in (0,1)) | youden: chosen on validation
+    # none | temperature: logits divided by a temperature fitted on the best epoch's validation
+    # logits, the threshold then chosen again on the calibrated validation probabilities (cxr.calibration)
+    calibration: str = described("none")
     # deterministic algorithms, cuDNN autotuning off: a resumed run ends with exactly the metrics of
     # an uninterrupted one on the CPU; on a GPU up to the CUDA kernels that have no deterministic
     # version (cross-entropy, average pooling's backward), which run with a warning (cxr.runtime)
@@ -304,7 +307,8 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: Any) -> None:
     """Reject values out of range before any work starts (one line naming the key)."""
-    from cxr.engine import MONITORS  # torch: only when validating
+    from cxr.calibration import CALIBRATIONS  # torch: only when validating
+    from cxr.engine import MONITORS
     from cxr.model import OPTIMIZERS
 
     m, o, t, d = cfg.model, cfg.optimizer, cfg.trainer, cfg.data
@@ -332,6 +336,8 @@ def validate(cfg: Any) -> None:
     _check(t.amp in ("auto", "off", "bf16", "fp16"), f"trainer.amp must be auto|off|bf16|fp16, got {t.amp}")
     _check(t.pos_weight in ("none", "balanced"), f"trainer.pos_weight must be none|balanced, got {t.pos_weight}")
     _check(t.monitor in MONITORS, f"trainer.monitor must be {'|'.join(MONITORS)}, got {t.monitor}")
+    _check(t.calibration in CALIBRATIONS,
+           f"trainer.calibration must be {'|'.join(CALIBRATIONS)}, got {t.calibration}")
     if t.threshold != "youden":
         try:
             value = float(t.threshold)

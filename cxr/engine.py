@@ -161,23 +161,29 @@ def _check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> Non
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable, task: Task, *, device: torch.device) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss (`Task.mean_loss`), probabilities (N, C) and labels (N,) or (N, K), gathered from all ranks.
+def predict_logits(model, batches: Iterable, *, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) and labels (N,) or (N, K) of every batch, gathered from all ranks.
 
-    In float32, whatever trainer.amp trains in: these probabilities pick the best epoch and the
-    threshold and give the test metrics, so they are those of the network cxr.predict runs
+    In float32, whatever trainer.amp trains in: these logits pick the best epoch, the threshold and
+    the temperature and give the test metrics, so they are those of the network cxr.predict runs
     (float32). Under bf16 autocast they would take a few hundred distinct values (ties in AUROC,
     a coarse threshold grid) and differ from predict's near the threshold.
     """
     model.eval()
-    probs, labels = [], []
+    logits, labels = [], []
     for x, y in batches:
-        probs.append(task.probabilities(model(x)))
+        logits.append(model(x).float())
         labels.append(y)
-    probs_t = torch.cat(probs) if probs else torch.zeros(0, 0, device=device)
+    logits_t = torch.cat(logits) if logits else torch.zeros(0, 0, device=device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    probs_np, labels_np = _gather(probs_t.cpu().numpy(), labels_t.cpu().numpy())
-    return task.mean_loss(probs_np, labels_np), probs_np, labels_np
+    return _gather(logits_t.cpu().numpy(), labels_t.cpu().numpy())
+
+
+def evaluate(model, batches: Iterable, task: Task, *, device: torch.device) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss (`Task.mean_loss`), probabilities (N, C) and labels (N,) or (N, K), gathered from all ranks."""
+    logits, labels = predict_logits(model, batches, device=device)
+    probs = task.probabilities(torch.from_numpy(logits)).numpy()
+    return task.mean_loss(probs, labels), probs, labels
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -186,16 +192,16 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every rank's predictions, each image once, in the split's order (rank r held r, r+W, ...)."""
+def _gather(outputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's outputs and labels, each image once, in the split's order (rank r held r, r+W, ...)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return probs, labels
+        return outputs, labels
     world = dist.get_world_size()
     parts: list = [None] * world
-    dist.all_gather_object(parts, (probs, labels))
+    dist.all_gather_object(parts, (outputs, labels))
     n = sum(len(p[1]) for p in parts)
-    out_probs = np.zeros((n, parts[0][0].shape[1]), dtype=np.float32)
+    out_outputs = np.zeros((n, parts[0][0].shape[1]), dtype=np.float32)
     out_labels = np.zeros((n, *parts[0][1].shape[1:]), dtype=np.int64)
-    for rank, (p, y) in enumerate(parts):
-        out_probs[rank::world], out_labels[rank::world] = p, y
-    return out_probs, out_labels
+    for rank, (o, y) in enumerate(parts):
+        out_outputs[rank::world], out_labels[rank::world] = o, y
+    return out_outputs, out_labels

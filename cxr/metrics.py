@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -153,10 +154,8 @@ def bootstrap_intervals(metrics_of: Callable[[np.ndarray], dict], strata: list[n
     """
     if resamples <= 0 or sum(len(members) for members in strata) == 0:
         return {}
-    rng = np.random.default_rng(seed)
     samples = defaultdict(list)
-    for _ in range(resamples):
-        idx = np.concatenate([rng.choice(members, len(members)) for members in strata])
+    for idx in resample_indices(strata, resamples, seed):
         for name, value in metrics_of(idx).items():
             samples[name].append(value)
     intervals = {}
@@ -166,6 +165,45 @@ def bootstrap_intervals(metrics_of: Callable[[np.ndarray], dict], strata: list[n
         intervals[name] = ([float(v) for v in np.percentile(values, [2.5, 97.5])]
                            if defined.all() else None)
     return intervals
+
+
+def resample_indices(strata: list[np.ndarray], resamples: int, seed: int = 0) -> np.ndarray:
+    """(resamples, N) indices: each row draws every stratum's members with replacement, as many
+    as it holds (the strata in order), so every resample keeps each stratum's size."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([members[rng.integers(0, len(members), (resamples, len(members)))]
+                           for members in strata], axis=1)
+
+
+def resampled_auroc(truth: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """AUROC of `scores` for truth 1 against 0 (-1 unknown: left out) on each row of indices idx
+    (B, N): the Mann-Whitney U of mid-ranks (ties count half, as in roc_auc_score); NaN in a row
+    without both values."""
+    truth, scores = truth[idx], scores[idx].astype(np.float64)
+    # unknown entries ranked above every known one: the known entries' ranks are theirs among themselves
+    ranks = rankdata(np.where(truth >= 0, scores, np.inf), axis=1)
+    positives, negatives = (truth == 1).sum(axis=1), (truth == 0).sum(axis=1)
+    u = np.where(truth == 1, ranks, 0).sum(axis=1) - positives * (positives + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((positives > 0) & (negatives > 0), u / (positives * negatives), math.nan)
+
+
+def resampled_recall(truth: np.ndarray, decisions: np.ndarray, idx: np.ndarray, value: int) -> np.ndarray:
+    """Recall of `value` (the share of entries whose truth is `value` decided `value`) on each row
+    of indices idx (B, N); NaN in a row without such entries."""
+    members = truth[idx] == value
+    right = (members & (decisions[idx] == value)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return right / members.sum(axis=1)
+
+
+def nan_mean(rows: list[np.ndarray]) -> np.ndarray:
+    """The mean of equally long arrays, element by element, over those where it is defined (NaN
+    where none is), as `_mean` averages over classes."""
+    stacked = np.stack(rows)
+    defined = ~np.isnan(stacked)
+    with np.errstate(invalid="ignore"):
+        return np.where(defined, stacked, 0).sum(axis=0) / defined.sum(axis=0)
 
 
 def single_label_warnings(labels: np.ndarray, decisions: np.ndarray, classes) -> list[str]:

@@ -7,7 +7,8 @@
 DICOM files (`.dcm`, or any file with the DICM preamble; hidden files and macOS' __MACOSX/ left
 out), of any size, grayscale or RGB. Everything else comes from the checkpoint, never from the
 current config: image size, data.window (how a DICOM or 16-bit image's grey values become 0..255),
-normalisation, class names, the network's shape and the decision threshold chosen on validation.
+normalisation, class names, the network's shape, the temperature calibration fitted
+(trainer.calibration=temperature) and the decision threshold chosen on validation.
 
 `output` gets one row per file: path, the probability of each class, the label, and a status
 (`ok`, or `unreadable`: such files are listed with their reasons and warned about, never fatal,
@@ -108,7 +109,7 @@ def classify(model: Classifier, task: Task, settings: dict, files: list[Path], d
                 cams = [None] * len(x)
             else:
                 cams, logits = grad_cam(model, x, target)
-            probs = task.probabilities(logits).cpu().numpy()
+            probs = task.probabilities(logits, settings["temperature"]).cpu().numpy()
             labels = task.decide(probs, threshold)
             for p, label, cam in zip(probs, labels, cams, strict=True):
                 path = next(paths)

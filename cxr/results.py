@@ -23,6 +23,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from cxr.config import description
 from cxr.data import label_counts
 from cxr.files import atomic_write
@@ -30,8 +32,10 @@ from cxr.files import atomic_write
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "test_predictions.csv"
 OK, FAILED, INTERRUPTED = "ok", "failed", "interrupted"
-# the metrics of a split (cxr.metrics.scalar_metrics gives all but loss)
-METRICS = ("loss", "acc", "balanced_acc", "auroc", "sensitivity", "specificity", "precision", "f1")
+# the metrics of a split (cxr.task's `metrics` gives all but loss; the last five: cxr.calibration)
+CALIBRATION_METRICS = ("ece", "ece_quantile", "ece_classwise", "brier", "nll")
+METRICS = ("loss", "acc", "balanced_acc", "auroc", "sensitivity", "specificity", "precision", "f1",
+           *CALIBRATION_METRICS)
 # shown first in TensorBoard's HParams table (and used to choose: validation decides, test reports)
 DECIDING_METRICS = ("val/auroc", "test/auroc", "test/balanced_acc", "test/acc", "val/acc",
                     "test/sensitivity", "test/specificity")
@@ -85,9 +89,11 @@ def split_metrics(split: str, loss: float, metrics: dict) -> dict:
 
 def tested(task, labels, probs, threshold, loss: float, resamples: int) -> dict:
     """What result.json reports of a test split scored at `threshold` (chosen on validation): its
-    `test/...` metrics, their bootstrap intervals, the confusion matrix, the majority rate, the
-    findings a macro mean averages (multi-label), and the warnings of a result that means nothing.
-    One function for every tool that tests a model (cxr.train, cxr.evaluate)."""
+    `test/...` metrics (calibration included: cxr.task's `metrics`), their bootstrap intervals,
+    the confusion matrix, the majority rate, the findings a macro mean averages (multi-label), and
+    the warnings of a result that means nothing. One function for every tool that tests a model
+    (cxr.train, cxr.evaluate); `probs` are already calibrated where the model was (best.pt's
+    temperature through Task.probabilities)."""
     return {
         "threshold": threshold,
         "metrics": {**split_metrics("test", loss, task.metrics(labels, probs, threshold)),
@@ -96,6 +102,19 @@ def tested(task, labels, probs, threshold, loss: float, resamples: int) -> dict:
         "confusion": task.confusion(labels, probs, threshold), "majority_rate": task.majority_rate(labels),
         "macro_findings": task.macro_findings(labels), "warnings": task.warnings(labels, probs, threshold),
     }
+
+
+def calibration_record(method: str, temperature, before: dict, after: dict) -> dict:
+    """result.json's `calibration`: trainer.calibration, the temperature fitted (null for none;
+    multi-label: one per finding), and the val/ and test/ calibration metrics and AUROC before and
+    after it (`before`, `after`: split metrics as `split_metrics` names them), so that a reader
+    sees what calibration changed and that the ranking did not change."""
+    shown = ("loss", "auroc", *CALIBRATION_METRICS)
+
+    def kept(values: dict) -> dict:
+        return {key: value for key, value in values.items() if key.split("/")[1] in shown}
+
+    return {"method": method, "temperature": temperature, "before": kept(before), "after": kept(after)}
 
 
 def at_reference_threshold(metrics: dict) -> dict:
@@ -155,6 +174,17 @@ def write_predictions(rows: list[dict], columns: list[str], output: str | os.Pat
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_predictions(path: str | os.PathLike, task) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A test predictions CSV (`write_predictions`, with truth) back as the paths, the
+    probabilities (N, C) in float32 as the run held them, and the labels as the run's split held
+    them (cxr.task: class indices, or (N, K) of 1, 0, -1). Rows that are not ok are left out."""
+    with open(path, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["status"] == "ok"]
+    probs = np.array([[float(row[f"prob_{name}"]) for name in task.classes] for row in rows], dtype=np.float32)
+    labels = np.array([task.truth_of_row(row) for row in rows], dtype=np.int64)
+    return [row["path"] for row in rows], probs.reshape(len(rows), len(task.classes)), labels
 
 
 def _json_safe(value):

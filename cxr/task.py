@@ -19,12 +19,13 @@ The numbers themselves are computed in cxr.metrics (scikit-learn); this module p
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr import metrics
+from cxr import calibration, metrics
 
 KINDS = ("binary", "multiclass", "multilabel")
 POSITIVE_CLASS = "PNEUMONIA"
@@ -93,11 +94,13 @@ class Task:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of class indices; multi-label: binary cross-entropy per finding (positives
         weighted by pos_weight) averaged over the known entries only, so an unknown label neither
-        rewards nor punishes any output."""
+        rewards nor punishes any output. In float32 at least: half-precision logits (AMP) are
+        upcast, float64 ones (temperature fitting) kept."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if not self.multilabel:
-            return F.cross_entropy(logits.float(), labels)
+            return F.cross_entropy(logits, labels)
         known = labels >= 0
-        losses = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
+        losses = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0).to(logits.dtype),
                                                     pos_weight=pos_weight, reduction="none")
         return (losses * known).sum() / known.sum().clamp(min=1)
 
@@ -110,17 +113,40 @@ class Task:
         positives, negatives = (labels == 1).sum(0).float(), (labels == 0).sum(0).float()
         return torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones_like(positives))
 
-    def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
-        """Right answers and how many were counted: images (argmax), or known (image, finding)
-        entries called at probability >= 0.5 (multi-label), as `decide` calls them."""
+    def right(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Which answers are right, images (argmax) or (image, finding) entries called at
+        probability >= 0.5 (multi-label), as `decide` calls them; and (multi-label) which count:
+        the known entries (None: every image)."""
         if not self.multilabel:
-            return (logits.argmax(1) == labels).sum(), labels.shape[0]
+            return logits.argmax(1) == labels, None
         known = labels >= 0
-        return (((logits >= 0) == (labels == 1)) & known).sum(), known.sum()
+        return ((logits >= 0) == (labels == 1)) & known, known
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over the classes, or one independent sigmoid per finding, in float32."""
-        return torch.sigmoid(logits.float()) if self.multilabel else torch.softmax(logits.float(), dim=1)
+    def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """Right answers and how many were counted."""
+        right, known = self.right(logits, labels)
+        return right.sum(), labels.shape[0] if known is None else known.sum()
+
+    def all_right(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per temperature (`temperatures`): whether every image (multi-label: every known entry
+        of the finding) is answered right."""
+        right, known = self.right(logits, labels)
+        return right.all().reshape(1) if known is None else (right | ~known).all(dim=0)
+
+    @property
+    def temperatures(self) -> int:
+        """How many temperatures calibration fits: one per finding (independent sigmoids), else one
+        for the softmax."""
+        return len(self.classes) if self.multilabel else 1
+
+    def probabilities(self, logits: torch.Tensor, temperature: float | list[float] | None = None) -> torch.Tensor:
+        """Softmax over the classes, or one independent sigmoid per finding, in float32, of the
+        logits divided by the temperature fitted on validation (trainer.calibration=temperature:
+        one, or one per finding; None: the logits as they are)."""
+        logits = logits.float()
+        if temperature is not None:
+            logits = logits / torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
     # -----------------------------------------------------------------------------------------
     # Decisions and metrics: numpy arrays, probabilities (N, C) and labels (N,) or (N, K)
@@ -164,13 +190,38 @@ class Task:
         return probs.argmax(axis=1)
 
     def metrics(self, labels: np.ndarray, probs: np.ndarray, threshold) -> dict:
-        """acc, balanced_acc, auroc, sensitivity, specificity, precision, f1 (NaN where undefined);
-        multi-label: their macro means and `<metric>/<finding>`."""
+        """acc, balanced_acc, auroc, sensitivity, specificity, precision, f1 (NaN where undefined),
+        and calibration (cxr.calibration): ece, ece_quantile, brier, nll of P(positive class);
+        multi-class: of the top label, with ece_classwise; multi-label: the macro means and
+        `<metric>/<finding>`."""
         decisions = self.decide(probs, threshold)
         if self.multilabel:
-            return metrics.multilabel_metrics(labels, probs, decisions, self.classes)
-        return metrics.single_label_metrics(labels, probs, decisions,
-                                            self.positive if self.kind == "binary" else None)
+            return {**metrics.multilabel_metrics(labels, probs, decisions, self.classes),
+                    **calibration.multilabel_calibration(labels, probs, self.classes)}
+        if self.kind == "binary":
+            return {**metrics.single_label_metrics(labels, probs, decisions, self.positive),
+                    **calibration.binary_calibration((labels == self.positive).astype(np.int64),
+                                                     probs[:, self.positive])}
+        return {**metrics.single_label_metrics(labels, probs, decisions, None),
+                **calibration.multiclass_calibration(labels, probs)}
+
+    def resampled_metrics(self, labels: np.ndarray, probs: np.ndarray, threshold, idx: np.ndarray) -> dict:
+        """auroc and balanced_acc as `metrics` computes them (multi-label: and `auroc/<finding>`),
+        on every row of resampled indices idx (B, N) at once: arrays (B,). What cxr.compare's
+        paired bootstrap scores two runs with, on the same rows."""
+        decisions = self.decide(probs, threshold)
+        if self.multilabel:
+            aurocs = [metrics.resampled_auroc(labels[:, k], probs[:, k], idx) for k in range(len(self.classes))]
+            balanced = [(metrics.resampled_recall(labels[:, k], decisions[:, k], idx, 1)
+                         + metrics.resampled_recall(labels[:, k], decisions[:, k], idx, 0)) / 2
+                        for k in range(len(self.classes))]
+            return {"auroc": metrics.nan_mean(aurocs), "balanced_acc": metrics.nan_mean(balanced),
+                    **{f"auroc/{name}": auroc for name, auroc in zip(self.classes, aurocs, strict=True)}}
+        scored = [self.positive] if self.kind == "binary" else range(len(self.classes))
+        # multi-class AUROC: one-vs-rest, averaged over the classes (as sklearn's multi_class="ovr")
+        aurocs = [metrics.resampled_auroc((labels == k).astype(np.int64), probs[:, k], idx) for k in scored]
+        recalls = [metrics.resampled_recall(labels, decisions, idx, k) for k in range(len(self.classes))]
+        return {"auroc": np.mean(aurocs, axis=0), "balanced_acc": metrics.nan_mean(recalls)}
 
     def confusion(self, labels: np.ndarray, probs: np.ndarray, threshold) -> list:
         """Rows: true class, columns: decision; multi-label: one [[tn, fp], [fn, tp]] per finding."""
@@ -198,9 +249,9 @@ class Task:
         decisions = self.decide(probs, threshold)
         for k, name in enumerate(self.classes):
             column = labels[:, k]
-            own = metrics.bootstrap_intervals(
-                lambda idx, k=k, column=column: metrics.finding_metrics(column[idx], probs[idx, k], decisions[idx, k]),
-                [np.flatnonzero(column == value) for value in np.unique(column)], resamples, seed)
+            own = metrics.bootstrap_intervals(partial(_finding_scalars, column, probs[:, k], decisions[:, k]),
+                                              [np.flatnonzero(column == value) for value in np.unique(column)],
+                                              resamples, seed)
             intervals.update({f"{metric}/{name}": interval for metric, interval in own.items()})
         return intervals
 
@@ -229,8 +280,9 @@ class Task:
             return metrics.finding_majority_rate(labels)
         return metrics.majority_rate(labels)
 
-    def format_threshold(self, threshold) -> str:
-        return " ".join(f"{t:.3f}" for t in threshold) if self.multilabel else f"{threshold:.3f}"
+    def format_values(self, values) -> str:
+        """A threshold or temperature: one number, or (multi-label) one per finding."""
+        return " ".join(f"{v:.3f}" for v in values) if self.multilabel else f"{values:.3f}"
 
     # -----------------------------------------------------------------------------------------
     # What people read: labels, prediction rows, figure rows
@@ -259,6 +311,24 @@ class Task:
         elif truth is not None:
             row["truth"] = self.classes[int(truth)]
         return row
+
+    def reliability_curves(self, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(name, outcome, score) of each reliability diagram a run shows, as its `ece` reads them:
+        P(positive class) of a binary run, the top label's probability against whether the argmax
+        is right (multi-class), each finding over its known entries (multi-label)."""
+        if self.multilabel:
+            return [(name, labels[labels[:, k] >= 0, k] == 1, probs[labels[:, k] >= 0, k])
+                    for k, name in enumerate(self.classes)]
+        if self.kind == "binary":
+            return [(self.classes[self.positive], labels == self.positive, probs[:, self.positive])]
+        return [("top label", probs.argmax(axis=1) == labels, probs.max(axis=1))]
+
+    def truth_of_row(self, row: dict) -> int | tuple[int, ...]:
+        """The label a `prediction_row` with truth holds: the class index; multi-label: 1, 0 or
+        -1 (unknown) per finding."""
+        if self.multilabel:
+            return tuple(int(row[f"truth_{name}"]) if row[f"truth_{name}"] != "" else UNKNOWN for name in self.classes)
+        return self.classes.index(row["truth"])
 
     def roc_curves(self, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(name, truth, score) of each ROC curve a run shows: the positive class of a binary run,
@@ -292,3 +362,9 @@ class Task:
         if name not in self.classes:
             raise ValueError(f"{name} is not one of the classes: {', '.join(self.classes)}")
         return self.classes.index(name)
+
+
+def _finding_scalars(truth: np.ndarray, scores: np.ndarray, decisions: np.ndarray, idx: np.ndarray) -> dict:
+    """One finding's auroc, sensitivity, specificity and calibration on the entries `idx`."""
+    return {**metrics.finding_metrics(truth[idx], scores[idx], decisions[idx]),
+            **calibration.binary_calibration(truth[idx], scores[idx])}

@@ -16,12 +16,14 @@ matplotlib.use("Agg")  # headless: figures are written, never shown
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torch.utils.tensorboard.summary import hparams  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from cxr import calibration  # noqa: E402
 from cxr.batches import Augment, denormalise, preprocess  # noqa: E402
 from cxr.config import description  # noqa: E402
 from cxr.explain import GradCamUnavailable, grad_cam, overlay  # noqa: E402
@@ -96,8 +98,8 @@ class RunBoard:
         self.writer.add_text("inputs/train_labels", ", ".join(names), 0)
 
     def test_figures(self, labels: np.ndarray, probs: np.ndarray, confusion: list, task: Task, step: int) -> None:
-        """The confusion matrix (single-label runs) and the ROC curves the task shows (the positive
-        class; multi-label: every finding, in one figure)."""
+        """The confusion matrix (single-label runs), the ROC curves the task shows (the positive
+        class; multi-label: every finding, in one figure) and the reliability diagram."""
         if self.writer is None:
             return
         if not task.multilabel:
@@ -112,6 +114,26 @@ class RunBoard:
                 RocCurveDisplay.from_predictions(truth, score, ax=ax, name=name)
             ax.set_title("test ROC per finding" if task.multilabel else "test ROC")
             self.writer.add_figure("test/roc", fig, step)
+        self.reliability(labels, probs, task, step)
+
+    def reliability(self, labels: np.ndarray, probs: np.ndarray, task: Task, step: int) -> None:
+        """`test/reliability`: the reliability diagram of what test/ece reads (observed frequency
+        against mean predicted probability in calibration.BINS equal-width bins, beside the
+        diagonal of perfect calibration); multi-label: one panel per finding."""
+        curves = [curve for curve in task.reliability_curves(labels, probs) if len(curve[1])]
+        if self.writer is None or not curves:
+            return
+        columns = min(4, len(curves))
+        rows = math.ceil(len(curves) / columns)
+        fig, axes = plt.subplots(rows, columns, squeeze=False, figsize=(3.6 * columns, 3.6 * rows))
+        for ax, (name, outcome, score) in zip(axes.flat, curves, strict=False):
+            outcome = outcome.astype(np.int64)
+            CalibrationDisplay.from_predictions(outcome, score, n_bins=calibration.BINS, pos_label=1, ax=ax, name=name)
+            ax.set_title(f"{name}: ECE {calibration.calibration_error(score, outcome):.3f}", fontsize=9)
+        for ax in axes.flat[len(curves):]:
+            ax.axis("off")
+        fig.tight_layout()
+        self.writer.add_figure("test/reliability", fig, step)
 
     def gradcam(self, model, images: torch.Tensor, labels: np.ndarray, probs: np.ndarray,
                 task: Task, step: int, per_class: int = 4) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cxr import results
 from cxr.batches import epoch_augment
+from cxr.calibration import CALIBRATIONS
 from cxr.checkpoint import BEST, LAST, CheckpointError, Checkpoints
 from cxr.config import (
     CONF_DIR,
@@ -37,7 +39,7 @@ from cxr.config import (
     validate,
 )
 from cxr.data import DataError, load_dataset
-from cxr.engine import MONITORS, NonFiniteLossError, TrainingState, evaluate
+from cxr.engine import MONITORS, NonFiniteLossError, TrainingState, evaluate, predict_logits
 from cxr.model import WeightsError
 from cxr.runtime import DeviceError, Runtime, StopSignals, claim_gpu_slot, cpu_threads, device_name, slot_device, start
 from cxr.schedule import scheduled_lr
@@ -93,13 +95,13 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     trained = runtime.wrap(view.module, cfg.trainer.compile)
     with cpu_threads(view.cpu_threads, runtime.device):
         fit(trained, training, checkpoints, state, board, cfg, runtime)
-        threshold = checkpoints.load_best()
-        test_loss, probs, labels = evaluate(trained, view.eval_inputs(view.test, cfg.trainer.eval_batch_size,
-                                                                      runtime.rank, runtime.world),
-                                            task, device=runtime.device)
-    complete(record, state, threshold, test_loss, probs, labels, task, cfg)
+        calibrated = calibrate(trained, training, checkpoints, cfg, runtime)
+        test_logits, labels = split_logits(trained, training, view.test, cfg, runtime)
+    probs = task.probabilities(torch.from_numpy(test_logits), calibrated.temperature).numpy()
+    complete(record, state, calibrated.threshold, task.mean_loss(probs, labels), probs, labels, task, cfg)
+    record["calibration"] = calibration_summary(calibrated, test_logits, labels, task, cfg)
     if runtime.is_main:  # per image, for analyses the summary metrics cannot answer
-        write_test_predictions(output_dir, dataset.test.paths, probs, labels, threshold, task)
+        write_test_predictions(output_dir, dataset.test.paths, probs, labels, calibrated.threshold, task)
     record["time"] = {"train_ms": round(state.train_ms), "total_ms": round((time.perf_counter() - started) * 1000)}
     record["gpu_memory_mb"] = runtime.gpu_memory_mb()
     if runtime.is_main:
@@ -166,6 +168,64 @@ def fit(module, training: Training, checkpoints: Checkpoints, state: TrainingSta
         raise_if_stopped(stop_signal(), state, checkpoints)  # a signal during the last validation: no test
 
 
+@dataclass
+class Calibrated:
+    """best.pt after trainer.calibration: its threshold and temperature (None: none), and with a
+    temperature, the best epoch's validation logits, labels and threshold before calibrating."""
+
+    threshold: float | list[float]
+    temperature: float | list[float] | None = None
+    val_logits: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+    uncalibrated_threshold: float | list[float] | None = None
+
+
+def split_logits(module, training: Training, split, cfg, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
+    """The logits and labels of a whole split (validation or test), gathered from all ranks."""
+    inputs = training.view.eval_inputs(split, cfg.trainer.eval_batch_size, runtime.rank, runtime.world)
+    return predict_logits(module, inputs, device=runtime.device)
+
+
+def calibrate(module, training: Training, checkpoints: Checkpoints, cfg, runtime: Runtime) -> Calibrated:
+    """best.pt's weights into the model, and its threshold. With trainer.calibration=temperature,
+    a temperature fitted on the best epoch's validation logits (cxr.calibration), and the
+    threshold chosen again by trainer.threshold on the calibrated validation probabilities:
+    scaling is monotone, so the threshold falls between the same validation images and every
+    image is decided as before. Both are stored in best.pt, for cxr.predict."""
+    threshold = checkpoints.load_best()
+    fit_temperature = CALIBRATIONS[cfg.trainer.calibration]
+    if fit_temperature is None:
+        return Calibrated(threshold)
+    task = training.task
+    logits, labels = split_logits(module, training, training.view.val, cfg, runtime)
+    temperature = fit_temperature(logits, labels, task)
+    calibrated, uncalibrated = (task.probabilities(torch.from_numpy(logits), t).numpy() for t in (temperature, None))
+    threshold = task.choose_threshold(cfg.trainer.threshold, labels, calibrated)
+    checkpoints.save_calibration(threshold, temperature)
+    return Calibrated(threshold, temperature, logits, labels,
+                      task.choose_threshold(cfg.trainer.threshold, labels, uncalibrated))
+
+
+def calibration_summary(calibrated: Calibrated, test_logits: np.ndarray, test_labels: np.ndarray, task: Task,
+                        cfg) -> dict:
+    """result.json's `calibration`: the temperature, and the validation and test split's
+    calibration and AUROC before it (at the threshold chosen before it) and after it."""
+    if calibrated.temperature is None:
+        return results.calibration_record(cfg.trainer.calibration, None, {}, {})
+    before, after = {}, {}
+    for split, logits, labels in (("val", calibrated.val_logits, calibrated.val_labels),
+                                  ("test", test_logits, test_labels)):
+        for values, temperature, threshold in ((before, None, calibrated.uncalibrated_threshold),
+                                               (after, calibrated.temperature, calibrated.threshold)):
+            probs = task.probabilities(torch.from_numpy(logits), temperature).numpy()
+            values.update(results.split_metrics(split, task.mean_loss(probs, labels),
+                                                task.metrics(labels, probs, threshold)))
+    log.info("calibration: temperature %s; validation nll %.4f -> %.4f, ece %.4f -> %.4f",
+             task.format_values(calibrated.temperature), before["val/nll"], after["val/nll"],
+             before["val/ece"], after["val/ece"])
+    return results.calibration_record(cfg.trainer.calibration, calibrated.temperature, before, after)
+
+
 def raise_if_stopped(stop_signal: str | None, state: TrainingState, checkpoints: Checkpoints) -> None:
     if stop_signal is not None:
         held = f"epoch {state.epoch}" if state.epoch else "the state before training"
@@ -213,7 +273,7 @@ def report(record: dict, board: RunBoard, model, test_split, probs: np.ndarray, 
              "specificity %.4f  [best epoch %d, threshold %s]  %s", metrics["test/acc"], record["majority_rate"],
              metrics["test/balanced_acc"], metrics["test/auroc"], metrics["test/sensitivity"],
              metrics["test/specificity"], record["best_epoch"],
-             task.format_threshold(threshold), output_dir)
+             task.format_values(threshold), output_dir)
 
 
 def used_run_dir(output_dir: Path) -> str | None:

@@ -20,7 +20,7 @@ SINGLE_LABEL_HEADER = [
     "job", "overrides", "model", "model.hidden_layers", "model.dense", "optimizer.lr", "test/acc",
     "time.train_ms", "test/acc_ci95_low", "test/acc_ci95_high", "majority_rate",
     "test/balanced_acc", "test/acc_at_0.5", "val/acc", "val/auroc", "test/auroc",
-    "test/sensitivity", "test/specificity", "best_epoch", "stopped_epoch", "epochs", "seed",
+    "test/sensitivity", "test/specificity", "test/ece", "best_epoch", "stopped_epoch", "epochs", "seed",
     "model.weights", "device", "status", "error", "warning", "best_val_auroc"]
 # then every other key that describes a run (cxr.config's `described` keys), in declaration order
 CONFIG_HEADER = [
@@ -30,7 +30,11 @@ CONFIG_HEADER = [
     "data.name", "data.image_size", "data.window", "data.val_fraction", "data.split_seed", "data.patient_source",
     "data.augment", "data.hflip", "data.limit",
     "trainer.batch_size", "trainer.amp", "trainer.grad_clip", "trainer.accumulate_steps", "trainer.patience",
-    "trainer.monitor", "trainer.threshold", "trainer.pos_weight"]
+    "trainer.monitor", "trainer.threshold", "trainer.calibration", "trainer.pos_weight"]
+# then the difference from the chosen row (cxr.compare)
+DIFFERENCE_HEADER = [
+    "compared_with", "diff/auroc", "diff/auroc_ci95_low", "diff/auroc_ci95_high", "diff/balanced_acc",
+    "diff/balanced_acc_ci95_low", "diff/balanced_acc_ci95_high", "p", "p_test", "p_holm", "verdict"]
 FINDINGS = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
 # (variant, seed) -> per-finding test AUROC; Nodule is absent from one seed's test split (null)
 AUROCS = {
@@ -116,7 +120,7 @@ def test_results_md_has_a_test_auroc_table_per_finding_over_the_variants(multila
            "Cardiomegaly, Effusion, Pneumonia." in text
     # single-label images are one decision each; a multi-label image holds several
     assert "One test image" not in text
-    variants, per_finding, jobs = read_tables(multilabel_sweep / "results.md")
+    variants, per_finding, jobs, *differences = read_tables(multilabel_sweep / "results.md")
     assert [row["Model"] for row in variants] == ["resultset1", "resultset2"]
     assert list(per_finding[0]) == ["Model", *FINDINGS, "Mean"]
     assert [row["Model"] for row in per_finding] == ["resultset1", "resultset2"]
@@ -148,8 +152,8 @@ def test_results_csv_has_the_per_finding_columns_after_the_others(multilabel_swe
         header = next(csv.reader(f))
     extra = [f"{metric}/{name}" for metric in ("test/auroc", "test/sensitivity", "test/specificity")
              for name in FINDINGS]
-    assert header[-len(extra):] == extra
-    assert header[:-len(extra)] == SINGLE_LABEL_HEADER + CONFIG_HEADER
+    differences = [f"{key}/{name}" for key in ("diff/auroc", "p", "p_holm") for name in FINDINGS]
+    assert header == SINGLE_LABEL_HEADER + CONFIG_HEADER + extra + DIFFERENCE_HEADER + differences
     rows = read_csv(multilabel_sweep / "results.csv")
     assert [row["seed"] for row in rows] == ["0", "1", "0", "1"]
     assert float(rows[2]["test/auroc/Nodule"]) == pytest.approx(0.75)
@@ -169,10 +173,10 @@ def single_label_header(sweep_dir) -> list[str]:
 def test_a_single_label_sweep_has_no_per_finding_table_or_columns(tmp_path):
     header = single_label_header(tmp_path)
 
-    assert header == SINGLE_LABEL_HEADER + CONFIG_HEADER
+    assert header == SINGLE_LABEL_HEADER + CONFIG_HEADER + DIFFERENCE_HEADER
     text = (tmp_path / "results.md").read_text()
     assert "per finding" not in text and "label-wise" not in text
-    assert len(read_tables(tmp_path / "results.md")) == 2  # variants, jobs
+    assert len(read_tables(tmp_path / "results.md")) == 4  # variants, jobs, differences, over seeds
     assert "One test image is 100/N = 0.16 points (N = 624)" in text
 
 
@@ -184,7 +188,7 @@ def test_a_finding_undefined_everywhere_shows_a_dash_in_its_column(tmp_path):
 
     aggregate.aggregate(tmp_path)
 
-    main, per_finding = read_tables(tmp_path / "results.md")
+    main, per_finding, *differences = read_tables(tmp_path / "results.md")
     assert [row["Model"] for row in per_finding] == [row["Model"] for row in main]
     assert [row["Effusion"] for row in per_finding] == ["—", "—"]
     assert [row["Cardiomegaly"] for row in per_finding] == ["0.800", "0.900"]
@@ -204,7 +208,7 @@ def test_a_mixed_sweep_and_a_failed_job_do_not_break_the_report(tmp_path):
     report = aggregate.aggregate(tmp_path)
 
     assert not report.ok and report.findings == [*FINDINGS, "Edema"]
-    main, per_finding = read_tables(tmp_path / "results.md")
+    main, per_finding, *differences = read_tables(tmp_path / "results.md")
     assert [row["Status"] for row in main] == ["ok", "ok", "ok", "failed"]
     assert list(per_finding[0]) == ["Model", *FINDINGS, "Edema", "Mean"]
     assert per_finding[0]["Cardiomegaly"] == "—" and per_finding[0]["Mean"] == "0.900"

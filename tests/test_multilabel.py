@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cxr import results
@@ -235,7 +235,7 @@ def test_per_finding_auroc_and_mean_match_scikit_learn_and_unknowns_are_left_out
 @pytest.fixture(scope="module")
 def nih_run(make_cfg, nih_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("nih-run")
-    record = run(make_cfg("data=nih", *runner_overrides(nih_root)), out)
+    record = run(make_cfg("data=nih", *runner_overrides(nih_root, "trainer.calibration=temperature")), out)
     return out, record
 
 
@@ -261,13 +261,37 @@ def test_a_nih_run_reports_each_finding_and_the_mean_as_scikit_learn_computes_th
     np.testing.assert_array_equal(called, (probs >= np.array(saved["threshold"]) - 5e-7).astype(int))
 
 
+def test_a_nih_run_calibrates_each_finding_and_reports_its_calibration(nih_run):
+    out, record = nih_run
+    saved = json.loads((out / "result.json").read_text())
+    with open(out / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    truth, probs = truth_matrix(rows, FINDINGS), np.array([[float(row[f"prob_{name}"]) for name in FINDINGS]
+                                                           for row in rows])
+    calibration = saved["calibration"]
+    assert len(calibration["temperature"]) == len(FINDINGS)  # one per finding
+    assert torch.load(out / "best.pt", weights_only=True)["temperature"] == calibration["temperature"]
+    for k, name in enumerate(FINDINGS):
+        assert saved["metrics"][f"test/brier/{name}"] == pytest.approx(brier_score_loss(truth[:, k], probs[:, k]),
+                                                                       abs=1e-6)
+        assert saved["metrics"][f"test/nll/{name}"] == pytest.approx(log_loss(truth[:, k], probs[:, k]), abs=1e-6)
+        assert saved["intervals"][f"test/ece/{name}"] is not None
+        # monotone per finding: each AUROC as before calibration
+        assert calibration["after"][f"test/auroc/{name}"] == pytest.approx(calibration["before"][f"test/auroc/{name}"],
+                                                                           abs=1e-9)
+    assert saved["metrics"]["test/ece"] == pytest.approx(np.mean([saved["metrics"][f"test/ece/{name}"]
+                                                                  for name in FINDINGS]))
+    assert calibration["after"]["val/nll"] <= calibration["before"]["val/nll"] + 1e-9
+
+
 def test_a_nih_run_logs_per_finding_auroc_to_tensorboard(nih_run):
     out, record = nih_run
     events = EventAccumulator(str(out)).Reload()
     tags = events.Tags()["scalars"]
     for name in FINDINGS:
         assert f"val/auroc/{name}" in tags and f"test/auroc/{name}" in tags
-    assert {"test/roc", "test/gradcam"} <= set(events.Tags()["images"])  # a curve and a row per finding
+    # a curve, a reliability panel and a row per finding
+    assert {"test/roc", "test/reliability", "test/gradcam"} <= set(events.Tags()["images"])
     history = [row[f"val/auroc/{FINDINGS[0]}"] for row in record["history"]]
     logged = [event.value for event in events.Scalars(f"val/auroc/{FINDINGS[0]}")]
     np.testing.assert_allclose(logged, history, rtol=1e-6)

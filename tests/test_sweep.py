@@ -129,7 +129,7 @@ def test_seeds_are_grouped_per_variant_with_mean_std_and_interval(tmp_path):
     report = aggregate.aggregate(tmp_path)
 
     assert report.ok and [p.name for p in report.files] == list(REPORT_FILES)
-    variants, jobs = read_tables(tmp_path / "results.md")
+    variants, jobs, *differences = read_tables(tmp_path / "results.md")
     assert [row["Model"] for row in variants] == list(SEED_TABLE)
     assert list(variants[0])[:6] == SEED_HEADERS
     assert [row["n"] for row in variants] == ["2"] * 7
@@ -171,7 +171,7 @@ def test_cli_exit_codes(tmp_path, capsys):
     # a job killed before it wrote result.json
     (tmp_path / "1_experiment=resultset2" / ".hydra").mkdir(parents=True)
     assert aggregate.main([str(tmp_path)]) == 1
-    (jobs,) = read_tables(tmp_path / "results.md")
+    jobs, *differences = read_tables(tmp_path / "results.md")
     assert [row["Status"] for row in jobs] == ["ok", "missing"]
     assert "report: " in capsys.readouterr().out
 
@@ -184,7 +184,7 @@ def test_dense_sweep_writes_the_seed_table_and_tensorboard_runs(tmp_path):
     done = multirun(tmp_path, "model.dense=8,16,32")
     assert done.returncode == 0, done.stderr[-3000:]
 
-    (table,) = read_tables(tmp_path / "results.md")
+    table, *differences = read_tables(tmp_path / "results.md")
     assert list(table[0])[:6] == SEED_HEADERS
     assert [row["Dense Count"] for row in table] == ["8", "16", "32"]
     assert [row["Model"] for row in table] == ["model.dense=8", "model.dense=16", "model.dense=32"]
@@ -204,7 +204,7 @@ def test_a_failed_job_is_reported_and_the_sweep_exits_non_zero(tmp_path):
     done = multirun(tmp_path, "model.dense=8,0")
     assert done.returncode == 1, done.stderr[-3000:]
 
-    (table,) = read_tables(tmp_path / "results.md")
+    table, *differences = read_tables(tmp_path / "results.md")
     assert [(row["Dense Count"], row["Status"]) for row in table] == [("8", "ok"), ("0", "failed")]
     assert "model.dense must be > 0" in table[1]["Error"]
     assert table[1]["Accuracy"] == "—" and table[0]["Best (val AUROC)"] == "yes"
@@ -219,7 +219,7 @@ def test_seeds_crossed_with_variants_give_seven_rows_of_two(tmp_path):
     done = multirun(tmp_path, "experiment=glob(resultset*)", "seed=0,1", "trainer.epochs=1",
                     "trainer.tensorboard_images=false")
     assert done.returncode == 0, done.stderr[-3000:]
-    variants, jobs = read_tables(tmp_path / "results.md")
+    variants, jobs, *differences = read_tables(tmp_path / "results.md")
     assert [row["Model"] for row in variants] == list(SEED_TABLE)
     assert [row["n"] for row in variants] == ["2"] * 7
     assert len(jobs) == 14 and len(read_csv(tmp_path / "results.csv")) == 14

@@ -51,12 +51,13 @@ def calibration_error(scores: np.ndarray, outcomes: np.ndarray, bins: int = BINS
 
 def brier(scores: np.ndarray, outcomes: np.ndarray) -> float:
     known = outcomes >= 0
-    return float(np.mean((scores[known] - (outcomes[known] == 1)) ** 2)) if known.any() else math.nan
+    return float(np.mean((scores[known].astype(np.float64) - (outcomes[known] == 1)) ** 2)) if known.any() else math.nan
 
 
 def nll(scores: np.ndarray, outcomes: np.ndarray) -> float:
     known = outcomes >= 0
-    likelihood = np.where(outcomes[known] == 1, scores[known], 1 - scores[known]).astype(np.float64)
+    chosen = scores[known].astype(np.float64)
+    likelihood = np.where(outcomes[known] == 1, chosen, 1 - chosen)
     return float(-np.log(np.clip(likelihood, 1e-12, 1)).mean()) if known.any() else math.nan
 
 
@@ -91,6 +92,73 @@ def multilabel_calibration(labels: np.ndarray, probs: np.ndarray, findings) -> d
     for metric in per_finding[0] if per_finding else ():
         column = np.array([one[metric] for one in per_finding])
         values[metric] = float(np.nanmean(column)) if not np.isnan(column).all() else math.nan
+        values.update({f"{metric}/{name}": one[metric] for name, one in zip(findings, per_finding, strict=True)})
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# The same numbers on every row of resampled indices idx (B, N) at once (the bootstrap's intervals)
+
+
+def resampled_error(scores: np.ndarray, outcomes: np.ndarray, idx: np.ndarray, bins: int = BINS,
+                    equal_mass: bool = False) -> np.ndarray:
+    """`calibration_error` on each row of indices idx: arrays (B,). The equal-mass edges are each
+    row's quantiles of its known scores, as np.quantile computes them (rows grouped by how many
+    entries they know: all of them, in the bootstrap's strata)."""
+    scores, outcomes = scores[idx].astype(np.float64), outcomes[idx]
+    known = outcomes >= 0
+    counts = known.sum(axis=1)
+    which = np.zeros(scores.shape, dtype=np.int64)
+    if not equal_mass:
+        which = np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], scores, side="right")
+    for count in np.unique(counts[counts > 0]) if equal_mass else ():
+        rows = np.flatnonzero(counts == count)
+        ordered = np.sort(np.where(known[rows], scores[rows], np.inf), axis=1)[:, :count]
+        inner = np.quantile(ordered, np.linspace(0, 1, bins + 1), axis=1).T[:, 1:-1]  # (rows, bins - 1)
+        which[rows] = (scores[rows][:, :, None] >= inner[:, None, :]).sum(axis=2)
+    flat = which + bins * np.arange(len(idx))[:, None]
+    hits = np.bincount(flat.ravel(), weights=(known & (outcomes == 1)).ravel(), minlength=bins * len(idx))
+    mass = np.bincount(flat.ravel(), weights=np.where(known, scores, 0).ravel(), minlength=bins * len(idx))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.abs((hits - mass).reshape(len(idx), bins)).sum(axis=1) / np.where(counts > 0, counts, np.nan)
+
+
+def resampled_binary(outcomes: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> dict:
+    """`binary_calibration` on each row of indices idx: arrays (B,)."""
+    known, hit = outcomes[idx] >= 0, outcomes[idx] == 1
+    chosen = scores[idx].astype(np.float64)
+    likelihood = np.clip(np.where(hit, chosen, 1 - chosen), 1e-12, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        counts = np.where(known.any(axis=1), known.sum(axis=1), np.nan)
+        return {"ece": resampled_error(scores, outcomes, idx),
+                "ece_quantile": resampled_error(scores, outcomes, idx, equal_mass=True),
+                "brier": np.where(known, (chosen - hit) ** 2, 0).sum(axis=1) / counts,
+                "nll": -np.where(known, np.log(likelihood), 0).sum(axis=1) / counts}
+
+
+def resampled_multiclass(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray) -> dict:
+    """`multiclass_calibration` on each row of indices idx: arrays (B,)."""
+    right = (probs.argmax(axis=1) == labels).astype(np.int64)
+    confidence = probs.max(axis=1)
+    one_hot = np.eye(probs.shape[1])[labels]
+    picked = probs[np.arange(len(labels)), labels].astype(np.float64)
+    classwise = [resampled_error(probs[:, k], (labels == k).astype(np.int64), idx) for k in range(probs.shape[1])]
+    return {"ece": resampled_error(confidence, right, idx),
+            "ece_quantile": resampled_error(confidence, right, idx, equal_mass=True),
+            "ece_classwise": np.mean(classwise, axis=0),
+            "brier": ((probs.astype(np.float64) - one_hot) ** 2).sum(axis=1)[idx].mean(axis=1),
+            "nll": -np.log(np.clip(picked, 1e-12, 1))[idx].mean(axis=1)}
+
+
+def resampled_multilabel(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray, findings) -> dict:
+    """`multilabel_calibration` on each row of indices idx: arrays (B,)."""
+    per_finding = [resampled_binary(labels[:, k], probs[:, k], idx) for k in range(len(findings))]
+    values = {}
+    for metric in per_finding[0] if per_finding else ():
+        stacked = np.stack([one[metric] for one in per_finding])
+        defined = ~np.isnan(stacked)
+        with np.errstate(invalid="ignore"):
+            values[metric] = np.where(defined, stacked, 0).sum(axis=0) / defined.sum(axis=0)
         values.update({f"{metric}/{name}": one[metric] for name, one in zip(findings, per_finding, strict=True)})
     return values
 

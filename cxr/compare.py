@@ -34,7 +34,6 @@ from cxr.task import Task
 
 RESAMPLES = 1000
 ALPHA = 0.05
-CHUNK = 100  # resamples scored at once
 
 
 class CompareError(Exception):
@@ -138,7 +137,7 @@ def paired_difference(run: RunPredictions, reference: RunPredictions, resamples:
     task, labels = reference.task, reference.labels
     # row 0: the images as they are (the point estimate); then the resamples, the same for both runs
     idx = np.vstack([np.arange(len(labels))[None], metrics.resample_indices(task.strata(labels), resamples, seed)])
-    ours, theirs = (scored(task, labels, one.probs, one.threshold, idx) for one in (run, reference))
+    ours, theirs = (task.resampled_metrics(labels, one.probs, one.threshold, idx) for one in (run, reference))
     compared = {}
     for name in ("auroc", "balanced_acc"):
         differences = ours[name] - theirs[name]
@@ -158,14 +157,6 @@ def paired_difference(run: RunPredictions, reference: RunPredictions, resamples:
         for name, test in tests.items():
             compared.update({f"diff/auroc/{name}": test.difference, f"p/{name}": test.p})
     return compared
-
-
-def scored(task: Task, labels: np.ndarray, probs: np.ndarray, threshold, idx: np.ndarray) -> dict:
-    """`task.resampled_metrics` on the rows of idx, CHUNK rows at a time: the (rows, N) arrays it
-    builds stay small on a large test split (NIH's 25,596 images)."""
-    parts = [task.resampled_metrics(labels, probs, threshold, idx[start:start + CHUNK])
-             for start in range(0, len(idx), CHUNK)]
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def verdict(difference: float, p_holm: float) -> str:

@@ -19,8 +19,6 @@ made-up 0 that would read as a real, bad score.
 """
 
 import math
-from collections import defaultdict
-from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import rankdata
@@ -111,12 +109,6 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, decisions: np.ndar
     return metrics
 
 
-def finding_metrics(labels: np.ndarray, probs: np.ndarray, decisions: np.ndarray) -> dict:
-    """One finding's auroc, sensitivity and specificity over its known entries (NaN where undefined)."""
-    one = multilabel_metrics(labels[:, None], probs[:, None], decisions[:, None], ["finding"])
-    return {name: one[f"{name}/finding"] for name in ("auroc", "sensitivity", "specificity")}
-
-
 def finding_tables(labels: np.ndarray, decisions: np.ndarray) -> list[list[list[int]]]:
     """One [[tn, fp], [fn, tp]] table per finding, over its known entries."""
     tp, fn, tn, fp = finding_counts(labels, decisions)
@@ -138,33 +130,6 @@ def binary_threshold(rule: str, present: np.ndarray, scores: np.ndarray) -> floa
     best = int(np.argmax(tpr - fpr))
     # roc_curve's first threshold (nothing positive) is inf: a probability never exceeds 1
     return float(min(thresholds[best], 1.0))
-
-
-def bootstrap_intervals(metrics_of: Callable[[np.ndarray], dict], strata: list[np.ndarray],
-                        resamples: int = 1000, seed: int = 0) -> dict:
-    """95% percentile intervals of every scalar metric `metrics_of(indices)` gives, over
-    `resamples` stratified resamples of the indices.
-
-    Each stratum (a class) is resampled within itself, so every resample keeps the split's class
-    counts and AUROC, sensitivity and specificity are defined in all of them (a plain resample of
-    a small set can miss a class). A metric still undefined in some resample (precision when
-    nothing is called positive) gets None rather than an interval over the resamples where it
-    happened to be defined, which would be biased. The seed is fixed: a run reports the same
-    intervals.
-    """
-    if resamples <= 0 or sum(len(members) for members in strata) == 0:
-        return {}
-    samples = defaultdict(list)
-    for idx in resample_indices(strata, resamples, seed):
-        for name, value in metrics_of(idx).items():
-            samples[name].append(value)
-    intervals = {}
-    for name, values in samples.items():
-        values = np.asarray(values)
-        defined = ~np.isnan(values)
-        intervals[name] = ([float(v) for v in np.percentile(values, [2.5, 97.5])]
-                           if defined.all() else None)
-    return intervals
 
 
 def resample_indices(strata: list[np.ndarray], resamples: int, seed: int = 0) -> np.ndarray:
@@ -195,6 +160,62 @@ def resampled_recall(truth: np.ndarray, decisions: np.ndarray, idx: np.ndarray, 
     right = (members & (decisions[idx] == value)).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return right / members.sum(axis=1)
+
+
+def resampled_rates(truth: np.ndarray, decisions: np.ndarray, idx: np.ndarray, value: int) -> dict:
+    """sensitivity (recall), specificity, precision and f1 of deciding `value` against the rest, over
+    the known entries (truth >= 0), on each row of indices idx (B, N): arrays (B,), NaN where the
+    counts leave one undefined, as scikit-learn's zero_division=nan. Also the rows' true positives
+    and negatives (`tp`, `tn`) and known entries (`known`)."""
+    truth, decisions = truth[idx], decisions[idx]
+    known = truth >= 0
+    member, called = truth == value, (decisions == value) & known
+    tp, fn = (member & called).sum(axis=1), (member & ~called).sum(axis=1)
+    fp, tn = (~member & called).sum(axis=1), (~member & known & ~called).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "precision": tp / (tp + fp),
+                "f1": 2 * tp / (2 * tp + fp + fn), "tp": tp, "tn": tn, "known": known.sum(axis=1)}
+
+
+def resampled_single_label(labels: np.ndarray, probs: np.ndarray, decisions: np.ndarray, idx: np.ndarray,
+                           positive: int | None) -> dict:
+    """`single_label_metrics` on each row of indices idx (B, N) at once: arrays (B,)."""
+    per_class = [resampled_rates(labels, decisions, idx, k) for k in range(probs.shape[1])]
+    scored = [positive] if positive is not None else range(probs.shape[1])
+    # multi-class AUROC: one-vs-rest, averaged over the classes (as sklearn's multi_class="ovr")
+    aurocs = [resampled_auroc((labels == k).astype(np.int64), probs[:, k], idx) for k in scored]
+    values = {"acc": (labels[idx] == decisions[idx]).mean(axis=1),
+              "balanced_acc": nan_mean([rates["sensitivity"] for rates in per_class]),
+              "auroc": np.mean(aurocs, axis=0)}
+    for name in ("sensitivity", "specificity", "precision", "f1"):
+        values[name] = (per_class[positive][name] if positive is not None
+                        else nan_mean([rates[name] for rates in per_class]))
+    return values
+
+
+def resampled_multilabel(labels: np.ndarray, probs: np.ndarray, decisions: np.ndarray, idx: np.ndarray,
+                         findings) -> dict:
+    """`multilabel_metrics` on each row of indices idx (B, N) at once: arrays (B,)."""
+    per_finding = [resampled_rates(labels[:, k], decisions[:, k], idx, 1) for k in range(len(findings))]
+    aurocs = [resampled_auroc(labels[:, k], probs[:, k], idx) for k in range(len(findings))]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = sum(r["tp"] + r["tn"] for r in per_finding) / sum(r["known"] for r in per_finding)
+    values = {"acc": acc, "balanced_acc": nan_mean([(r["sensitivity"] + r["specificity"]) / 2 for r in per_finding]),
+              "auroc": nan_mean(aurocs)}
+    for name in ("sensitivity", "specificity", "precision", "f1"):
+        values[name] = nan_mean([r[name] for r in per_finding])
+    for name, rates, auroc in zip(findings, per_finding, aurocs, strict=True):
+        values.update({f"auroc/{name}": auroc, f"sensitivity/{name}": rates["sensitivity"],
+                       f"specificity/{name}": rates["specificity"]})
+    return values
+
+
+def percentile_intervals(resampled: dict[str, np.ndarray]) -> dict:
+    """95% percentile intervals of each metric's resampled values: None where the metric is
+    undefined in any resample (an interval over the resamples where it happened to be defined would
+    be biased)."""
+    return {name: [float(v) for v in np.percentile(values, [2.5, 97.5])] if not np.isnan(values).any() else None
+            for name, values in resampled.items()}
 
 
 def nan_mean(rows: list[np.ndarray]) -> np.ndarray:

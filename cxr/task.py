@@ -19,7 +19,6 @@ The numbers themselves are computed in cxr.metrics (scikit-learn); this module p
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ KINDS = ("binary", "multiclass", "multilabel")
 POSITIVE_CLASS = "PNEUMONIA"
 UNKNOWN = -1  # a multi-label value that is not known (CheXpert's uncertain or blank)
 NO_FINDING = "No Finding"  # the label of an image with no finding called (NIH's and CheXpert's name)
+RESAMPLED_ROWS = 100  # bootstrap resamples scored at a time (memory: rows x images x classes)
 
 
 @dataclass(frozen=True)
@@ -206,22 +206,25 @@ class Task:
                 **calibration.multiclass_calibration(labels, probs)}
 
     def resampled_metrics(self, labels: np.ndarray, probs: np.ndarray, threshold, idx: np.ndarray) -> dict:
-        """auroc and balanced_acc as `metrics` computes them (multi-label: and `auroc/<finding>`),
-        on every row of resampled indices idx (B, N) at once: arrays (B,). What cxr.compare's
-        paired bootstrap scores two runs with, on the same rows."""
+        """Every scalar of `metrics` on every row of resampled indices idx (B, N) at once: arrays
+        (B,), equal to `metrics` on each row (what the bootstrap's intervals and cxr.compare's
+        paired differences score), RESAMPLED_ROWS rows at a time: the (rows, N) arrays stay small
+        on a large test split (NIH's 25,596 images)."""
+        parts = [self._resampled(labels, probs, threshold, idx[start:start + RESAMPLED_ROWS])
+                 for start in range(0, len(idx), RESAMPLED_ROWS)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]} if parts else {}
+
+    def _resampled(self, labels: np.ndarray, probs: np.ndarray, threshold, idx: np.ndarray) -> dict:
         decisions = self.decide(probs, threshold)
         if self.multilabel:
-            aurocs = [metrics.resampled_auroc(labels[:, k], probs[:, k], idx) for k in range(len(self.classes))]
-            balanced = [(metrics.resampled_recall(labels[:, k], decisions[:, k], idx, 1)
-                         + metrics.resampled_recall(labels[:, k], decisions[:, k], idx, 0)) / 2
-                        for k in range(len(self.classes))]
-            return {"auroc": metrics.nan_mean(aurocs), "balanced_acc": metrics.nan_mean(balanced),
-                    **{f"auroc/{name}": auroc for name, auroc in zip(self.classes, aurocs, strict=True)}}
-        scored = [self.positive] if self.kind == "binary" else range(len(self.classes))
-        # multi-class AUROC: one-vs-rest, averaged over the classes (as sklearn's multi_class="ovr")
-        aurocs = [metrics.resampled_auroc((labels == k).astype(np.int64), probs[:, k], idx) for k in scored]
-        recalls = [metrics.resampled_recall(labels, decisions, idx, k) for k in range(len(self.classes))]
-        return {"auroc": np.mean(aurocs, axis=0), "balanced_acc": metrics.nan_mean(recalls)}
+            return {**metrics.resampled_multilabel(labels, probs, decisions, idx, self.classes),
+                    **calibration.resampled_multilabel(labels, probs, idx, self.classes)}
+        if self.kind == "binary":
+            return {**metrics.resampled_single_label(labels, probs, decisions, idx, self.positive),
+                    **calibration.resampled_binary((labels == self.positive).astype(np.int64),
+                                                   probs[:, self.positive], idx)}
+        return {**metrics.resampled_single_label(labels, probs, decisions, idx, None),
+                **calibration.resampled_multiclass(labels, probs, idx)}
 
     def confusion(self, labels: np.ndarray, probs: np.ndarray, threshold) -> list:
         """Rows: true class, columns: decision; multi-label: one [[tn, fp], [fn, tp]] per finding."""
@@ -239,20 +242,25 @@ class Task:
         return [np.flatnonzero(combination.ravel() == c) for c in range(combination.max() + 1)] if len(rows) else []
 
     def intervals(self, labels: np.ndarray, probs: np.ndarray, threshold, resamples: int, seed: int = 0) -> dict:
-        """95% percentile bootstrap intervals of every scalar metric (cxr.metrics.bootstrap_intervals);
-        multi-label: each finding's own metrics resampled within its positives, negatives and
-        unknowns (a rare finding keeps its few positives in every resample)."""
-        intervals = metrics.bootstrap_intervals(lambda idx: self.metrics(labels[idx], probs[idx], threshold),
-                                                self.strata(labels), resamples, seed)
-        if not self.multilabel:
-            return intervals
+        """95% percentile bootstrap intervals of every scalar metric over `resamples` resamples of the
+        strata, computed for all resamples at once; multi-label: each finding's own metrics
+        resampled within its positives, negatives and unknowns (a rare finding keeps its few
+        positives in every resample). The seed is fixed: a run reports the same intervals."""
+        if resamples <= 0 or len(labels) == 0:
+            return {}
+        idx = metrics.resample_indices(self.strata(labels), resamples, seed)
+        intervals = metrics.percentile_intervals(self.resampled_metrics(labels, probs, threshold, idx))
         decisions = self.decide(probs, threshold)
-        for k, name in enumerate(self.classes):
+        for k, name in enumerate(self.classes if self.multilabel else ()):
             column = labels[:, k]
-            own = metrics.bootstrap_intervals(partial(_finding_scalars, column, probs[:, k], decisions[:, k]),
-                                              [np.flatnonzero(column == value) for value in np.unique(column)],
-                                              resamples, seed)
-            intervals.update({f"{metric}/{name}": interval for metric, interval in own.items()})
+            own = metrics.resample_indices([np.flatnonzero(column == value) for value in np.unique(column)],
+                                           resamples, seed)
+            rates = metrics.resampled_rates(column, decisions[:, k], own, 1)
+            values = {"auroc": metrics.resampled_auroc(column, probs[:, k], own),
+                      "sensitivity": rates["sensitivity"], "specificity": rates["specificity"],
+                      **calibration.resampled_binary(column, probs[:, k], own)}
+            intervals.update({f"{metric}/{name}": interval
+                              for metric, interval in metrics.percentile_intervals(values).items()})
         return intervals
 
     def macro_findings(self, labels: np.ndarray) -> list[str] | None:
@@ -362,9 +370,3 @@ class Task:
         if name not in self.classes:
             raise ValueError(f"{name} is not one of the classes: {', '.join(self.classes)}")
         return self.classes.index(name)
-
-
-def _finding_scalars(truth: np.ndarray, scores: np.ndarray, decisions: np.ndarray, idx: np.ndarray) -> dict:
-    """One finding's auroc, sensitivity, specificity and calibration on the entries `idx`."""
-    return {**metrics.finding_metrics(truth[idx], scores[idx], decisions[idx]),
-            **calibration.binary_calibration(truth[idx], scores[idx])}

@@ -103,6 +103,8 @@ class Checkpoints:
         self.task = task
         self.frozen = cfg.model.freeze_backbone
         self.fingerprint = fingerprint(cfg)
+        # resolved once: a run saves last.pt every epoch (resolving took half of a head epoch's time)
+        self.config = OmegaConf.to_container(cfg, resolve=True)
         # the frozen backbone, by reference: rebuilt from its settings and checked by its digest
         self.backbone = ({"name": cfg.model.backbone, "weights": cfg.model.weights, "init_seed": cfg.seed,
                           "digest": weights_digest(model.backbone)} if self.frozen else None)
@@ -117,7 +119,7 @@ class Checkpoints:
                          "scaler": scaler.state_dict() if scaler is not None else None,
                          **asdict(state), "rng": rngs, "num_threads": torch.get_num_threads(),
                          "fingerprint": self.fingerprint,
-                         "config": OmegaConf.to_container(self.cfg, resolve=True)}, self.last_path)
+                         "config": self.config}, self.last_path)
 
     def save_best(self, epoch: int, threshold: float | list[float], weights: dict | None = None) -> None:
         if not self.runtime.is_main:
@@ -127,7 +129,7 @@ class Checkpoints:
                          "threshold": threshold, "temperature": None, "task": self.task.state(),
                          "image_size": self.cfg.data.image_size, "window": self.cfg.data.window,
                          "mean": list(MEAN), "std": list(STD),
-                         "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
+                         "model_config": self.config["model"],
                          "init_seed": self.cfg.seed, "fingerprint": self.fingerprint}, self.best_path)
 
     def resume(self) -> TrainingState:

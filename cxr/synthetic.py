@@ -8,8 +8,12 @@ layout=kaggle (the default; binary): root/{train,val,test}/{NORMAL,PNEUMONIA}/*.
 images add hazy consolidations inside the lungs, some faint. Sizes, aspect ratios, the 1:3 class
 ratio, mostly-grayscale-some-RGB JPEGs and the file names (IM-XXXX, NORMAL2-IM-XXXX,
 personN_bacteria, personN_virus, several images per patient) follow the real dataset, so the same
-loading path, patient grouping and caching serve both. Its bytes never change for a given spec:
-cached copies are reused as they are.
+loading path, patient grouping and caching serve both. Its bytes never change for a given spec
+and generator version: cached copies are reused as they are.
+
+Each image is drawn from its own seed, (spec.seed, its position), so the images are drawn over
+every core (`draw_in_parallel`) and the files are the same whatever the number of processes; the
+one sequential stream (spec.seed) draws only the names, labels and table rows.
 
 layout=nih (multi-label): NIH ChestX-ray14's files: Data_Entry_2017.csv (its real header, 11
 cells a row), train_val_list.txt and test_list.txt (patient-disjoint, as the official split), and
@@ -22,10 +26,12 @@ of images are No Finding.
 
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +39,10 @@ from PIL import Image
 
 from cxr.files import exclusive
 
-GENERATOR_VERSION = 3
-NIH_VERSION = 1
+GENERATOR_VERSION = 4  # 4: an image per seed, drawn in parallel, at most DRAWN px high
+NIH_VERSION = 2
+DRAWN = 256  # images are drawn at most this many px high and upscaled: large files cost little to make
+CHUNK = 16  # images per task of a drawing process
 LAYOUTS = ("kaggle", "nih")
 # the nih layout's findings, in the order `Finding Labels` joins them
 FINDINGS = ("Cardiomegaly", "Effusion", "Nodule", "Pneumonia")
@@ -213,10 +221,30 @@ def _manifest_of(root: Path) -> dict | None:
         return None
 
 
+def draw_in_parallel(draw: Callable[..., object], tasks: list[tuple], workers: int | None = None) -> None:
+    """`draw(*task)` for every task, over `workers` processes (default: every core), CHUNK tasks at
+    a time; a child's error is raised here."""
+    chunks = [tasks[start:start + CHUNK] for start in range(0, len(tasks), CHUNK)]
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
+    if workers <= 1:
+        for chunk in chunks:
+            _draw_chunk(draw, chunk)
+        return
+    # fork: the children run NumPy and PIL only, and start in milliseconds
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        for done in [pool.submit(_draw_chunk, draw, chunk) for chunk in chunks]:
+            done.result()
+
+
+def _draw_chunk(draw: Callable[..., object], chunk: list[tuple]) -> None:
+    for task in chunk:
+        draw(*task)
+
+
 def _generate(folder: Path, spec) -> None:
     """Every split's images, with patients that never cross splits."""
     rng = np.random.default_rng(spec.seed)
-    patient = 0
+    patient, tasks = 0, []
     for split in ("train", "val", "test"):
         total = getattr(spec, split)
         n_normal = round(total * NORMAL_SHARE[split])
@@ -224,15 +252,16 @@ def _generate(folder: Path, spec) -> None:
             (folder / split / label).mkdir(parents=True)
             names = _file_names(rng, label, count, patient)
             patient += len(names) + 1
-            for name in names:
-                _write_image(rng, folder / split / label / name, spec, label == "PNEUMONIA")
+            tasks += [(folder / split / label / name, (spec.seed, len(tasks) + k), spec.min_size, spec.max_size,
+                       label == "PNEUMONIA") for k, name in enumerate(names)]
+    draw_in_parallel(_write_image, tasks)
 
 
-def _write_image(rng: np.random.Generator, path: Path, spec, pneumonia: bool) -> None:
-    height = int(rng.integers(spec.min_size, spec.max_size + 1))
+def _write_image(path: Path, seed: tuple[int, int], min_size: int, max_size: int, pneumonia: bool) -> None:
+    rng = np.random.default_rng(seed)
+    height = int(rng.integers(min_size, max_size + 1))
     width = int(height * rng.uniform(1.0, 1.45))
-    # drawn at most 320 px high and upscaled: large files cost little to make
-    scale = min(1.0, 320 / height)
+    scale = min(1.0, DRAWN / height)
     pixels = render_chest(rng, int(height * scale), int(width * scale), pneumonia=pneumonia)
     image = Image.fromarray(pixels, "L").resize((width, height), Image.BICUBIC)
     if rng.random() < 0.1:  # a few RGB files, as in the real dataset
@@ -297,16 +326,17 @@ def _generate_nih(folder: Path, spec) -> None:
     """Data_Entry_2017.csv, train_val_list.txt, test_list.txt and the PNGs under images_0NN/."""
     rng = np.random.default_rng(spec.seed)
     images = _nih_images(rng, spec)
-    rows = []
+    rows, tasks = [], []
     for position, image in enumerate(images):
         path = folder / _nih_folder(position) / image["index"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        width, height = _write_nih_image(rng, path, spec, image["findings"])
+        tasks.append((path, (spec.seed, position), spec.min_size, spec.max_size, image["findings"]))
+        side = _nih_side(*tasks[-1][1:4])
         view = "AP" if rng.random() < 0.4 else "PA"
         spacing = ("0.143", "0.139", "0.168")[int(rng.integers(3))]
         rows.append([image["index"], "|".join(image["findings"]) or "No Finding", image["follow_up"],
-                     image["patient"], image["age"], image["gender"], view, width, height,
-                     spacing, spacing])
+                     image["patient"], image["age"], image["gender"], view, side, side, spacing, spacing])
+    draw_in_parallel(_write_nih_image, tasks)
     with open(folder / "Data_Entry_2017.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(NIH_HEADER)
@@ -316,14 +346,19 @@ def _generate_nih(folder: Path, spec) -> None:
         (folder / f"{split}_list.txt").write_text("".join(name + "\n" for name in names))
 
 
-def _write_nih_image(rng: np.random.Generator, path: Path, spec, findings: list[str]) -> tuple[int, int]:
+def _nih_side(seed: tuple[int, int], min_size: int, max_size: int) -> int:
+    """An NIH image's side: the first draw of its own seed."""
+    return int(np.random.default_rng(seed).integers(min_size, max_size + 1))
+
+
+def _write_nih_image(path: Path, seed: tuple[int, int], min_size: int, max_size: int, findings: list[str]) -> None:
     """A square grayscale PNG, like NIH's (theirs are all 1024 px; ours keep the spec's sizes)."""
-    side = int(rng.integers(spec.min_size, spec.max_size + 1))
+    rng = np.random.default_rng(seed)
+    side = int(rng.integers(min_size, max_size + 1))  # as _nih_side drew it for the table
     # the findings' shapes come from their own stream, so an image's anatomy, exposure and grain
     # do not depend on its labels (and the tests can draw one chest with and without a finding)
     finding_rng = np.random.default_rng(int(rng.integers(2 ** 63)))
-    small = int(side * min(1.0, 320 / side))  # drawn at most 320 px and upscaled, as above
+    small = int(side * min(1.0, DRAWN / side))  # drawn at most DRAWN px and upscaled, as above
     pixels = render_chest(rng, small, small, pneumonia="Pneumonia" in findings, findings=findings,
                           finding_rng=finding_rng)
     Image.fromarray(pixels, "L").resize((side, side), Image.BICUBIC).save(path)
-    return side, side

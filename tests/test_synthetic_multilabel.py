@@ -7,6 +7,7 @@ complete and hold the same images.
 import csv
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -22,11 +23,12 @@ SMALL = SyntheticConfig(train=40, val=8, test=20, min_size=64, max_size=96, layo
 LARGE = SyntheticConfig(train=392, val=8, test=100, min_size=64, max_size=96, seed=1, layout="nih")
 HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
           "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
-# sha256 over (relative path, bytes) of every file of the Kaggle layout for KAGGLE_SPEC, computed on
-# main before the nih layout was added. JPEG bytes depend on Pillow's libjpeg: after a Pillow
-# upgrade recompute it on a commit known to be unchanged, rather than assume the generator drifted.
+# sha256 over (relative path, bytes) of every file of the Kaggle layout for KAGGLE_SPEC, computed when
+# generator version 4 (an image per seed, drawn in parallel) was made. JPEG bytes depend on Pillow's
+# libjpeg: after a Pillow upgrade recompute it on a commit known to be unchanged, rather than
+# assume the generator drifted.
 KAGGLE_SPEC = SyntheticConfig(train=20, val=4, test=8, min_size=64, max_size=96)
-KAGGLE_SHA256 = "623a491ef1a5f82368722a18141e4751593faab5cfb70fb17319a089558e8ed0"
+KAGGLE_SHA256 = "3ddde4de6979ad4295ac6ca083290f7e1ce7fbd254b77e9574484d9576546436"
 
 
 def _rows(root: Path) -> list[dict]:
@@ -207,13 +209,22 @@ def test_unknown_layout_is_refused(tmp_path):
         ensure_synthetic(tmp_path / "x", SyntheticConfig(train=2, val=1, test=1, layout="chexpert"))
 
 
-def test_the_kaggle_layout_is_unchanged(tmp_path):
-    root = ensure_synthetic(tmp_path / "kaggle", KAGGLE_SPEC)
+def tree_digest(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    assert digest.hexdigest() == KAGGLE_SHA256
+    return digest.hexdigest()
+
+
+def test_the_kaggle_layout_is_unchanged_and_the_same_from_any_number_of_processes(tmp_path, monkeypatch):
+    """Each image is drawn from its own seed: one process and two write the same bytes, and the
+    bytes are those pinned for this generator version (a change that moves them must bump it)."""
+    parallel = ensure_synthetic(tmp_path / "two", KAGGLE_SPEC)  # a process per core
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # as on a one-core machine: drawn in this process
+    single = ensure_synthetic(tmp_path / "one", KAGGLE_SPEC)
+    assert tree_digest(single) == tree_digest(parallel)
+    assert tree_digest(parallel) == KAGGLE_SHA256
     # the manifest keeps its old keys, so copies cached before the nih layout stay complete
-    assert json.loads((root / "manifest.json").read_text()) == {
-        "generator_version": 3, "train": 20, "val": 4, "test": 8, "min_size": 64, "max_size": 96,
+    assert json.loads((parallel / "manifest.json").read_text()) == {
+        "generator_version": 4, "train": 20, "val": 4, "test": 8, "min_size": 64, "max_size": 96,
         "seed": 0}

@@ -9,9 +9,7 @@ picture as a hospital exports it (12 bits stored, rescaled, windowed, MONOCHROME
 suite times those beside the JPEGs they came from, and tests decode them against their source.
 """
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +19,12 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from cxr.data import find_classes, list_files
-from cxr.synthetic import render_chest
+from cxr.synthetic import draw_in_parallel, render_chest
 
 # measured on cxr-fullres: real radiographs take about 0.2 bytes per pixel as JPEG; a smooth
 # upscale takes half that, so generated images get this much film grain at full size
 GRAIN = 3.0
 FULL_RESOLUTION = (800, 1800)  # heights of the full-resolution originals (0.8-2.6 Mpx)
-CHUNK = 16  # images per task of a generating process
 
 
 def image_name(index: int) -> tuple[str, str]:
@@ -51,27 +48,13 @@ def draw_image(folder: Path, index: int, heights: tuple[int, int], seed: int) ->
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / label / name, quality=90)
 
 
-def _draw_chunk(folder: Path, indices: range, heights: tuple[int, int], seed: int) -> None:
-    for index in indices:
-        draw_image(folder, index, heights, seed)
-
-
 def generate_images(folder: Path, count: int, heights: tuple[int, int] = FULL_RESOLUTION, first: int = 0,
                     seed: int = 0, workers: int | None = None) -> Path:
     """Images first .. first+count-1 into folder/{NORMAL,PNEUMONIA}/, over `workers` processes
-    (default: every core); the folder."""
+    (default: every core, as cxr.synthetic draws its datasets); the folder."""
     for label in ("NORMAL", "PNEUMONIA"):
         (folder / label).mkdir(parents=True, exist_ok=True)
-    chunks = [range(start, min(start + CHUNK, first + count)) for start in range(first, first + count, CHUNK)]
-    workers = min(workers or os.cpu_count() or 1, len(chunks))
-    if workers <= 1:
-        for chunk in chunks:
-            _draw_chunk(folder, chunk, heights, seed)
-        return folder
-    # fork: the children run NumPy and PIL only, and start in milliseconds
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        for done in [pool.submit(_draw_chunk, folder, chunk, heights, seed) for chunk in chunks]:
-            done.result()  # a child's error surfaces here
+    draw_in_parallel(draw_image, [(folder, index, heights, seed) for index in range(first, first + count)], workers)
     return folder
 
 

@@ -662,13 +662,14 @@ class TransferReport:
 
 
 def transfer_row(job_dir: Path, record: dict) -> dict:
-    """One evaluation job's values: the checkpoint and target it names, its status and metrics."""
+    """One evaluation job's values: the checkpoint and target it names (a job killed before writing
+    result.json: its folder's name), its status and metrics."""
     checkpoint, data = record.get("checkpoint") or {}, record.get("data") or {}
     metrics, intervals = record.get("metrics") or {}, record.get("intervals") or {}
     row = {"job": job_dir.name, "status": record.get("status", MISSING), "error": record.get("error"),
-           "checkpoint": checkpoint.get("path"), "sha256": checkpoint.get("sha256"),
+           "checkpoint": checkpoint.get("path") or job_dir.name, "sha256": checkpoint.get("sha256"),
            "source": checkpoint.get("trained_on"), "run": checkpoint.get("run"),
-           "target": data.get("name"), "data.root": data.get("root"),
+           "target": data.get("name") or job_dir.name, "data.root": data.get("root"),
            "split": data.get("split"), "images": data.get("images"), "multilabel": data.get("multilabel"),
            "threshold": record.get("threshold"), "target_threshold": record.get("target_threshold"),
            "pairs": record.get("pairs") or {}, "not_in_target": record.get("not_in_target") or []}
@@ -717,7 +718,7 @@ def transfer_cell(row: dict) -> str:
 
 
 def transfer_matrix(report: TransferReport, cell) -> str:
-    """Rows: trained on; columns: tested on; each cell `cell(job)` (a pair no job scored: empty)."""
+    """Rows: trained on; columns: tested on; each cell `cell(job)` (a pair no job scored: —)."""
     targets = list(dict.fromkeys(row["tested_on"] for row in report.jobs))
     matrix = {}
     for row in report.jobs:

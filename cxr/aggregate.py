@@ -1,4 +1,5 @@
-"""A sweep's report: every job's result.json -> results.md, results.csv, results.png, curves.png.
+"""A sweep's report: every job's result.json -> results.md, results.csv, results.png, curves.png;
+an evaluation sweep's (python -m cxr.evaluate -m ...) -> transfer.md, transfer.csv.
 
     python -m cxr.aggregate outputs/sweeps/<stamp>     # exits 1 when a job did not finish ok
 
@@ -640,13 +641,194 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def aggregate(sweep_dir: str | Path) -> Report:
+# ---------------------------------------------------------------------------------------------
+# An evaluation sweep (python -m cxr.evaluate -m checkpoint=A,B data=X,Y): the transfer table
+
+
+TRANSFER_FILES = ("transfer.md", "transfer.csv")
+# each with its 95% interval where result.json has one (the last, comparison only, has none)
+TRANSFER_METRICS = ("test/auroc", "test/balanced_acc", "test/ece", "test/balanced_acc_at_target_youden")
+
+
+@dataclass
+class TransferReport:
+    jobs: list[dict]  # one row per job: its record's values, and the `trained_on` and `tested_on` it is shown by
+    findings: list[str]  # every label the multi-label targets' jobs scored, or named and found absent (n/a)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(row["status"] == OK for row in self.jobs)
+
+
+def transfer_row(job_dir: Path, record: dict) -> dict:
+    """One evaluation job's values: the checkpoint and target it names (a job killed before writing
+    result.json: its folder's name), its status and metrics."""
+    checkpoint, data = record.get("checkpoint") or {}, record.get("data") or {}
+    metrics, intervals = record.get("metrics") or {}, record.get("intervals") or {}
+    row = {"job": job_dir.name, "status": record.get("status", MISSING), "error": record.get("error"),
+           "checkpoint": checkpoint.get("path") or job_dir.name, "sha256": checkpoint.get("sha256"),
+           "source": checkpoint.get("trained_on"), "run": checkpoint.get("run"),
+           "target": data.get("name") or job_dir.name, "data.root": data.get("root"),
+           "split": data.get("split"), "images": data.get("images"), "multilabel": data.get("multilabel"),
+           "threshold": record.get("threshold"), "target_threshold": record.get("target_threshold"),
+           "pairs": record.get("pairs") or {}, "not_in_target": record.get("not_in_target") or []}
+    row.update({key: value for key, value in metrics.items()
+                if key in TRANSFER_METRICS or key.startswith("test/auroc/")})
+    row.update({f"{key}_ci95": tuple(intervals[key]) for key in TRANSFER_METRICS if intervals.get(key)})
+    return row
+
+
+def name_apart(rows: list[dict], identity, namings, field_name: str) -> None:
+    """Set `field_name` of each row to the first of `namings` (row -> name) that tells the rows'
+    distinct identities apart; failing all, the identity itself."""
+    ids = list(dict.fromkeys(identity(row) for row in rows))
+    first = {i: next(row for row in rows if identity(row) == i) for i in ids}
+    names = next((names for names in ({i: naming(first[i]) for i in ids} for naming in namings)
+                  if len(set(names.values())) == len(ids)), {i: str(i) for i in ids})
+    for row in rows:
+        row[field_name] = names[identity(row)]
+
+
+def label_transfer_rows(rows: list[dict]) -> None:
+    """Trained on: the training data's name, with the run folder (then the path) where checkpoints
+    share it; tested on: the target's name (its root where two targets share a name)."""
+    name_apart(rows, lambda r: r["checkpoint"],
+               (lambda r: r["source"] or r["checkpoint"], lambda r: f"{r['source']} ({r['run']})"), "trained_on")
+    split = {"all": " (all splits)"}
+    name_apart(rows, lambda r: (r["target"], r["data.root"], r["split"]),
+               (lambda r: f"{r['target']}{split.get(r['split'], '')}",
+                lambda r: f"{r['target']}{split.get(r['split'], '')} ({r['data.root']})"), "tested_on")
+
+
+def build_transfer(jobs: list[tuple[Path, dict]]) -> TransferReport:
+    rows = [transfer_row(job_dir, record) for job_dir, record in jobs]
+    label_transfer_rows(rows)
+    findings = [name for row in rows if row["multilabel"] for name in [*row["pairs"], *row["not_in_target"]]]
+    return TransferReport(rows, list(dict.fromkeys(findings)))
+
+
+def transfer_cell(row: dict) -> str:
+    """AUROC [95% interval] / balanced accuracy (%) at the model's threshold / ECE; else the status."""
+    if row["status"] != OK:
+        return row["status"]
+    interval = row.get("test/auroc_ci95")
+    auroc = show(row.get("test/auroc"), "auroc") + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+    return f"{auroc} / {show(row.get('test/balanced_acc'), 'percent')} / {show(row.get('test/ece'), 'auroc')}"
+
+
+def transfer_matrix(report: TransferReport, cell) -> str:
+    """Rows: trained on; columns: tested on; each cell `cell(job)` (a pair no job scored: —)."""
+    targets = list(dict.fromkeys(row["tested_on"] for row in report.jobs))
+    matrix = {}
+    for row in report.jobs:
+        cells = matrix.setdefault(row["trained_on"], {"trained_on": row["trained_on"], "status": OK})
+        cells[row["tested_on"]] = cell(row)
+    columns = (Column("Trained on \\ tested on", "trained_on"), *(Column(target, target) for target in targets))
+    return markdown_table(list(matrix.values()), columns, keep=columns)
+
+
+def finding_table(report: TransferReport) -> str:
+    """AUROC per label of the multi-label targets' jobs: n/a where the target lacks the label."""
+    rows = [{"trained_on": row["trained_on"], "tested_on": row["tested_on"], "status": row["status"],
+             **{name: "n/a" if name in row["not_in_target"] else show(row.get(f"test/auroc/{name}"), "auroc")
+                for name in report.findings}} for row in report.jobs if row["multilabel"]]
+    columns = (Column("Trained on", "trained_on"), Column("Tested on", "tested_on"),
+               *(Column(name, name) for name in report.findings))
+    return markdown_table(rows, columns, keep=columns)
+
+
+TRANSFER_NOTES = (
+    "Each cell: test AUROC [95% bootstrap interval] / balanced accuracy (%) / ECE (15 equal-width bins) of the "
+    "model trained on the row's data, scored on the column's (its test split, or every split where marked). "
+    "Decisions use the model's own threshold, chosen on its training data's validation split: what a deployed "
+    "model would do on the new data. A drop from the model's own test split is the cost of moving it; a wide "
+    "interval, a small target.",
+    "Labels are paired by name or by eval.labels (result.json's `pairs`); a multi-label target is scored on the "
+    "paired findings only (AUROC: their macro mean). n/a: a label eval.labels names that the target lacks.",
+    "AUROC does not depend on the threshold; balanced accuracy does. The second table's threshold is the "
+    "target's own best (Youden's J on the target's labels): for comparison only, a deployed model cannot choose "
+    "it; the gap between the two says how far the model's threshold has drifted on the new data. ECE: "
+    "probabilities that meant one risk on the training data may mean another here.",
+)
+
+
+def write_transfer_markdown(report: TransferReport, path: Path) -> str:
+    """transfer.md; returns its main table."""
+    main = transfer_matrix(report, transfer_cell)
+    at_own = transfer_matrix(report, lambda row: show(row.get("test/balanced_acc_at_target_youden"), "percent")
+                             if row["status"] == OK else row["status"])
+    sections = ["# Transfer: trained on (rows), tested on (columns)", main,
+                "## Balanced accuracy (%) at the target's own threshold (comparison only)", at_own]
+    if report.findings:
+        sections += ["## Test AUROC per label of the multi-label targets", finding_table(report)]
+    failed = [f"- {row['job']}: {row['status']} ({row['error']})" for row in report.jobs if row["status"] != OK]
+    sections.append("\n".join(f"- {note}" for note in TRANSFER_NOTES))
+    if failed:
+        sections += ["## Jobs that did not finish ok", "\n".join(failed)]
+    path.write_text("\n\n".join(sections) + "\n")
+    return main
+
+
+def write_transfer_csv(report: TransferReport, path: Path) -> None:
+    """One row per job, raw values (fractions), each interval as _low and _high; per label n/a
+    where the target lacks it."""
+    header = ["job", "trained_on", "tested_on", "checkpoint", "sha256", "data.root", "split", "images", "status",
+              "error"]
+    for key in TRANSFER_METRICS:
+        header += [key, f"{key}_low", f"{key}_high"]
+    header += ["threshold", "target_threshold", "pairs", "not_in_target", *(f"test/auroc/{n}" for n in report.findings)]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        for job in report.jobs:
+            row = {key: csv_value(value) for key, value in job.items()}
+            for key in TRANSFER_METRICS:
+                row[f"{key}_low"], row[f"{key}_high"] = job.get(f"{key}_ci95") or ("", "")
+            row["pairs"] = "; ".join(f"{label}={output}" for label, output in job["pairs"].items())
+            row.update({f"test/auroc/{name}": "n/a" for name in job["not_in_target"]})
+            writer.writerow(row)
+
+
+def csv_value(value) -> str | float | int:
+    """A cell: empty for none, lists (thresholds per finding, labels) joined by spaces and semicolons."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "; ".join(map(str, value))
+    return value
+
+
+def aggregate_transfer(sweep_dir: Path, jobs: list[tuple[Path, dict]]) -> TransferReport:
+    report = build_transfer(jobs)
+    markdown, table_csv = (sweep_dir / name for name in TRANSFER_FILES)
+    table = write_transfer_markdown(report, markdown)
+    write_transfer_csv(report, table_csv)
+    report.files = [markdown, table_csv]
+    announce(table, report.jobs, report.files)
+    return report
+
+
+def announce(table: str, jobs: list[dict], files: list[Path]) -> None:
+    """The report's main table, the jobs that did not finish ok, and where the files are."""
+    failed = [job for job in jobs if job["status"] != OK]
+    print(f"\n{table}\n")
+    if failed:
+        print(f"{len(failed)} of {len(jobs)} jobs did not finish ok: "
+              + "; ".join(f"{job['job']}: {job['status']} ({job['error']})" for job in failed))
+    print("report: " + ", ".join(str(p) for p in files), flush=True)
+
+
+def aggregate(sweep_dir: str | Path) -> Report | TransferReport:
     """Read every job's result.json under `sweep_dir`, write the report files into it, print the
-    table. Raises FileNotFoundError when the folder holds no job."""
+    table: an evaluation sweep's transfer table (its jobs' result.json say so), else the training
+    report. Raises FileNotFoundError when the folder holds no job."""
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"no job folders with {RESULT_FILE} under {sweep_dir}")
+    if any(results.is_evaluation(record) for _, record in jobs):
+        return aggregate_transfer(sweep_dir, jobs)
     report = build_report(jobs)
     rows = report.variants if report.variants is not None else report.jobs
     markdown, table_csv, chart, curves = (sweep_dir / name for name in REPORT_FILES)
@@ -659,12 +841,7 @@ def aggregate(sweep_dir: str | Path) -> Report:
     hparams = [result["hparams"] for _, result in jobs if result.get("hparams")]
     if hparams:
         write_experiment(sweep_dir, hparams, [*results.DECIDING_METRICS, "val/loss", "test/loss"])
-    failed = [job for job in report.jobs if job["status"] != OK]
-    print(f"\n{table}\n")
-    if failed:
-        print(f"{len(failed)} of {len(report.jobs)} jobs did not finish ok: "
-              + "; ".join(f"{job['job']}: {job['status']} ({job['error']})" for job in failed))
-    print("report: " + ", ".join(str(p) for p in report.files), flush=True)
+    announce(table, report.jobs, report.files)
     return report
 
 

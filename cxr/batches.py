@@ -67,6 +67,14 @@ def _batches(split: Split, order: torch.Tensor, batch_size: int) -> Iterator[tup
         yield x, y
 
 
+def inference_batches(split: Split, batch_size: int, device: torch.device, mean: Sequence[float],
+                      std: Sequence[float]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A decoded split as a checkpoint's whole network reads it (cxr.predict, cxr.evaluate): in
+    order, on `device`, normalised with the checkpoint's statistics, never augmented; with labels."""
+    for images, labels in eval_batches(split, batch_size):
+        yield preprocess(images.to(device), False, mean=mean, std=std), labels
+
+
 def _copied(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host batch on `device`; to a CUDA GPU through pinned memory, asynchronously, so that the
     copy overlaps the GPU's work on the batch before."""

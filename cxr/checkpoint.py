@@ -16,6 +16,7 @@ of its tensors, from which `load_classifier` rebuilds and verifies it. Files are
 atomically and read with `weights_only=True`: only tensors and plain containers, never code.
 """
 
+import hashlib
 import logging
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -202,3 +203,31 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier,
                               "one this head was trained on (other weights file or torch version)")
     model.load_state_dict(state["model"], strict=backbone is None)
     return model.to(device).eval(), task, state
+
+
+def checkpoint_file(given: str | Path) -> Path:
+    """The best.pt that `given` names: the file itself, or the best.pt in a run folder."""
+    path = Path(given).expanduser()
+    if path.is_dir():
+        if not (path / BEST).is_file():
+            raise CheckpointError(f"no {BEST} in {path}: pass a run folder of python -m cxr.train or its {BEST}")
+        return path / BEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a run folder of python -m cxr.train or its "
+                              f"{BEST}")
+    return path
+
+
+def identity(path: Path, state: dict) -> dict:
+    """Which model a checkpoint is (result.json of cxr.evaluate): its file and sha256, and the
+    training run it came from (its data, variant and folder, a digest of its config fingerprint)."""
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    config = state.get("fingerprint") or {}
+    fingerprint = hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:16]
+    return {"path": str(path.resolve()), "sha256": digest, "run": path.resolve().parent.name,
+            "trained_on": config.get("data.name"), "variant": config.get("variant"),
+            "data_root": config.get("data.root"),
+            "epoch": state.get("epoch"), "fingerprint": fingerprint, "task": state["task"],
+            "image_size": state["image_size"], "window": state["window"], "threshold": state["threshold"],
+            "temperature": state["temperature"]}

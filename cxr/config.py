@@ -208,6 +208,38 @@ class TrainConfig:
     description: str = ""
 
 
+@dataclass
+class EvalConfig:
+    """`python -m cxr.evaluate`: which images of the target data, and how its labels meet the model's."""
+
+    # test: the target's test split (the layout's own, or carved by patient as training carves it);
+    # all: every split of it (a dataset the model never saw: train, val and test alike)
+    split: str = "test"
+    # which of the model's outputs scores which target label: {output: label, or [labels]} (null:
+    # none). An entry pairs both ways (a model output named by its first label scores a target
+    # label named by its key); names alike on both sides pair themselves (cxr.transfer). Presets:
+    # conf/labels/ (labels=pneumonia). Typed Any so that a dict can be passed whole on the command
+    # line (eval.labels={PNEUMONIA:Pneumonia}); `validate_evaluation` checks its shape
+    labels: Any = None
+    # {data.name: data.root}, for a multirun over datasets (data=nih,chexpert); data.root wins
+    roots: Any = None
+
+
+@dataclass
+class EvaluateConfig:
+    """The schema of conf/evaluate.yaml: the training data groups compose into it unchanged."""
+
+    checkpoint: str = MISSING  # a run folder or its best.pt
+    data: DataConfig = field(default_factory=DataConfig)
+    # device, eval_batch_size and bootstrap are read (the rest: what the data presets set for training)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # what the data presets say about training (model.weights, optimizer.lr): unused, the
+    # checkpoint holds the model
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
 def keys_with(role: str, schema: type = TrainConfig, prefix: str = "") -> list[str]:
     """The dotted keys whose schema field is declared with `role` (describes | resumable), in
     declaration order."""
@@ -291,6 +323,7 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
     OmegaConf.register_new_resolver("cxr_slug", slug, replace=True)
     OmegaConf.register_new_resolver("cxr_rank_dir", rank_dir, replace=True)
     OmegaConf.register_new_resolver("cxr_gpu_jobs", gpu_jobs, replace=True)
@@ -329,10 +362,7 @@ def validate(cfg: Any) -> None:
     _check(cfg.jobs_per_gpu >= 1, f"jobs_per_gpu must be >= 1, got {cfg.jobs_per_gpu}")
     _check(t.batch_size >= 1, f"trainer.batch_size must be >= 1, got {t.batch_size}")
     _check(t.eval_batch_size >= 1, f"trainer.eval_batch_size must be >= 1, got {t.eval_batch_size}")
-    _check(
-        t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"),
-        f"trainer.device must be auto|cpu|cuda|mps, got {t.device}",
-    )
+    validate_device(t.device)
     _check(t.amp in ("auto", "off", "bf16", "fp16"), f"trainer.amp must be auto|off|bf16|fp16, got {t.amp}")
     _check(t.pos_weight in ("none", "balanced"), f"trainer.pos_weight must be none|balanced, got {t.pos_weight}")
     _check(t.monitor in MONITORS, f"trainer.monitor must be {'|'.join(MONITORS)}, got {t.monitor}")
@@ -351,6 +381,30 @@ def validate(cfg: Any) -> None:
         f"data.val_split must be from_train|official, got {d.val_split}",
     )
     _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+
+
+def validate_device(device: str) -> None:
+    _check(device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:"),
+           f"trainer.device must be auto|cpu|cuda|mps, got {device}")
+
+
+def validate_evaluation(cfg: Any) -> None:
+    """conf/evaluate.yaml's values: a checkpoint, the target data, the split, the device."""
+    _check(not OmegaConf.is_missing(cfg, "checkpoint"), "checkpoint is not set: pass checkpoint=RUN_DIR "
+           "(a run folder of python -m cxr.train) or checkpoint=.../best.pt")
+    validate_data(cfg.data)
+    _check(cfg.eval.split in ("test", "all"), f"eval.split must be test|all, got {cfg.eval.split}")
+    validate_device(cfg.trainer.device)
+    _check(cfg.trainer.eval_batch_size >= 1, f"trainer.eval_batch_size must be >= 1, got {cfg.trainer.eval_batch_size}")
+    _check(cfg.trainer.bootstrap >= 0, f"trainer.bootstrap must be >= 0, got {cfg.trainer.bootstrap}")
+    labels = cfg.eval.labels
+    _check(labels is None or (OmegaConf.is_dict(labels) and all(
+        isinstance(value, str) or (OmegaConf.is_list(value) and value and all(isinstance(v, str) for v in value))
+        for value in labels.values())),
+        f"eval.labels must map a model output to a target label or a list of them, e.g. "
+        f"eval.labels={{PNEUMONIA:Pneumonia}}, got {labels}")
+    _check(cfg.eval.roots is None or OmegaConf.is_dict(cfg.eval.roots),
+           f"eval.roots must map a data.name to its data.root, e.g. eval.roots={{nih:/data/nih}}, got {cfg.eval.roots}")
 
 
 def validate_data(d: Any) -> None:

@@ -32,7 +32,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cxr import results
-from cxr.batches import eval_batches, preprocess
+from cxr.batches import inference_batches
 from cxr.checkpoint import CheckpointError, load_classifier
 from cxr.data import is_visible
 from cxr.decoding import decode_split
@@ -101,8 +101,7 @@ def classify(model: Classifier, task: Task, settings: dict, files: list[Path], d
         if skipped is not None:
             skipped.update(split.skipped)
         paths = iter(split.paths)
-        for images, _ in eval_batches(split, batch_size):
-            x = preprocess(images.to(device), False, mean=settings["mean"], std=settings["std"])
+        for x, _ in inference_batches(split, batch_size, device, settings["mean"], settings["std"]):
             if overlays is None:
                 with torch.no_grad():
                     logits = model(x)

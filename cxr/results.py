@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from cxr.config import description
 from cxr.data import label_counts
@@ -36,6 +37,8 @@ OK, FAILED, INTERRUPTED = "ok", "failed", "interrupted"
 CALIBRATION_METRICS = ("ece", "ece_quantile", "ece_classwise", "brier", "nll")
 METRICS = ("loss", "acc", "balanced_acc", "auroc", "sensitivity", "specificity", "precision", "f1",
            *CALIBRATION_METRICS)
+# result.json's `kind` of a cxr.evaluate run (a model of cxr.train on other data); training runs have none
+EVALUATION = "evaluation"
 # shown first in TensorBoard's HParams table (and used to choose: validation decides, test reports)
 DECIDING_METRICS = ("val/auroc", "test/auroc", "test/balanced_acc", "test/acc", "val/acc",
                     "test/sensitivity", "test/specificity")
@@ -123,6 +126,29 @@ def at_reference_threshold(metrics: dict) -> dict:
     return {"test/acc_at_0.5": metrics["acc"], "test/balanced_acc_at_0.5": metrics["balanced_acc"]}
 
 
+def at_target_threshold(metrics: dict) -> dict:
+    """An evaluation's balanced accuracy, sensitivity and specificity at the target's own best
+    threshold (Youden's J on the target's labels), for comparison only: a deployed model decides at
+    its source's threshold, and cannot choose one on labels it has not got."""
+    return {f"test/{name}_at_target_youden": metrics[name] for name in ("balanced_acc", "sensitivity", "specificity")}
+
+
+def evaluation_record(cfg, overrides, checkpoint: dict) -> dict:
+    """The parts of a cxr.evaluate result.json known before scoring (also written when it fails):
+    the checkpoint's identity (cxr.checkpoint.identity; its path alone when it could not be read),
+    the target data and the label pairs asked for."""
+    labels = OmegaConf.select(cfg, "eval.labels")
+    return {"status": None, "error": None, "kind": EVALUATION, "overrides": list(overrides), "checkpoint": checkpoint,
+            "data": {key: OmegaConf.select(cfg, f"data.{key}") for key in ("name", "layout", "root")}
+            | {"split": OmegaConf.select(cfg, "eval.split")},
+            "labels": OmegaConf.to_container(labels) if OmegaConf.is_config(labels) else labels,
+            "metrics": {}, "device": None, "warnings": [], "time": {}}
+
+
+def is_evaluation(record: dict) -> bool:
+    return record.get("kind") == EVALUATION
+
+
 def epoch_row(epoch: int, train: dict, val_loss: float, val_metrics: dict) -> dict:
     """One row of the history: the epoch's training loss/accuracy and its validation metrics."""
     return {"epoch": epoch, "train/loss": train["loss"], "train/acc": train["acc"],
@@ -174,6 +200,15 @@ def write_predictions(rows: list[dict], columns: list[str], output: str | os.Pat
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_test_predictions(output_dir: str | os.PathLike, paths: list[str], probs: np.ndarray, labels: np.ndarray,
+                           threshold, task) -> None:
+    """test_predictions.csv: each image's probabilities, decision at `threshold` and truth (cxr.task's columns)."""
+    decisions = task.decide(probs, threshold)
+    rows = [task.prediction_row(path, p, d, truth=y) for path, p, d, y in zip(paths, probs, decisions, labels,
+                                                                               strict=True)]
+    write_predictions(rows, task.prediction_columns(with_truth=True), Path(output_dir) / PREDICTIONS_FILE)
 
 
 def read_predictions(path: str | os.PathLike, task) -> tuple[list[str], np.ndarray, np.ndarray]:

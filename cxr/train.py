@@ -101,7 +101,7 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     complete(record, state, calibrated.threshold, task.mean_loss(probs, labels), probs, labels, task, cfg)
     record["calibration"] = calibration_summary(calibrated, test_logits, labels, task, cfg)
     if runtime.is_main:  # per image, for analyses the summary metrics cannot answer
-        write_test_predictions(output_dir, dataset.test.paths, probs, labels, calibrated.threshold, task)
+        results.write_test_predictions(output_dir, dataset.test.paths, probs, labels, calibrated.threshold, task)
     record["time"] = {"train_ms": round(state.train_ms), "total_ms": round((time.perf_counter() - started) * 1000)}
     record["gpu_memory_mb"] = runtime.gpu_memory_mb()
     if runtime.is_main:
@@ -245,14 +245,6 @@ def complete(record: dict, state: TrainingState, threshold: float, test_loss: fl
     record.update(tested, status=results.OK, best_epoch=state.best_epoch, stopped_epoch=state.stopped_epoch,
                   metrics={**{k: v for k, v in best_row.items() if k != "epoch"}, **tested["metrics"]},
                   history=state.history, hparams=hparams_of(cfg))
-
-
-def write_test_predictions(output_dir: Path, paths: list[str], probs: np.ndarray, labels: np.ndarray,
-                           threshold: float, task: Task) -> None:
-    decisions = task.decide(probs, threshold)
-    rows = [task.prediction_row(path, p, d, truth=y) for path, p, d, y in zip(paths, probs, decisions, labels,
-                                                                               strict=True)]
-    results.write_predictions(rows, task.prediction_columns(with_truth=True), output_dir / results.PREDICTIONS_FILE)
 
 
 def report(record: dict, board: RunBoard, model, test_split, probs: np.ndarray, labels: np.ndarray,

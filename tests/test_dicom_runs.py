@@ -97,10 +97,10 @@ def test_predict_and_grad_cam_on_a_dicom_folder_draw_on_the_windowed_picture(tra
         assert np.abs(dicom - png).mean() < 2
 
 
-def test_rsna_layout_trains_and_evaluates_end_to_end(shared_data, make_cfg, tmp_path):
-    """cxr-real's 1,252 pictures as stage_2_train_images/<patientId>.dcm, a pneumonia image with
-    one to three box rows, a normal one with a row of Target 0: trained and tested through data=rsna."""
-    root, rng = tmp_path / "rsna", np.random.default_rng(0)
+def rsna_layout(shared_data: Path, root: Path) -> dict[str, str]:
+    """cxr-real's 1,252 pictures as stage_2_train_images/<patientId>.dcm (12-bit, rescaled), a
+    pneumonia image with one to three box rows, a normal one with a row of Target 0: {patientId: class}."""
+    rng = np.random.default_rng(0)
     (root / "stage_2_train_images").mkdir(parents=True)
     lines, labels = ["patientId,x,y,width,height,Target"], {}
     for split in ("train", "val", "test"):
@@ -112,6 +112,13 @@ def test_rsna_layout_trains_and_evaluates_end_to_end(shared_data, make_cfg, tmp_
                 lines += [f"{patient},{100 + k},200,150,300,1" for k in range(boxes)] or [f"{patient},,,,,0"]
                 labels[patient] = label
     (root / "stage_2_train_labels.csv").write_text("\n".join(lines) + "\n")
+    return labels
+
+
+def test_rsna_layout_trains_and_evaluates_end_to_end(shared_data, make_cfg, tmp_path):
+    """cxr-real's pictures in the RSNA layout (`rsna_layout`): trained and tested through data=rsna."""
+    root = tmp_path / "rsna"
+    labels = rsna_layout(shared_data, root)
     result = run(make_cfg("data=rsna", f"data.root={root}", *RECIPE), tmp_path / "run")
     data = result["data"]
     assert result["status"] == "ok" and data["classes"] == list(CLASSES) and data["patients"] == "column patientId"

@@ -68,28 +68,67 @@ def first_reason(skipped: dict[str, str]) -> str:
     return f" ({len(skipped)} skipped; {path}: {reason})"
 
 
-def load_dataset(data_cfg) -> Dataset:
-    """Everything `run()` needs from the data config: classes and three decoded splits."""
-    listing = LAYOUTS[data_cfg.layout](data_cfg)
+def carved(data_cfg, listing: Listing) -> dict[str, list]:
+    """The layout's items per split, validation carved from train by patient where it gives none."""
     items = dict(listing.items)
     if not items["val"]:  # the layout's own validation: none, or set aside (the folders' val/)
         listing.patients.warn_if_per_image()  # here, so once: a table's test is carved only when val is too
         items["train"], items["val"] = split_by_patient(items["train"], data_cfg.val_fraction,
                                                         data_cfg.split_seed, listing.patient_of, listing.task)
+    return items
+
+
+def decoded(data_cfg, listing: Listing, name: str, items: list) -> Split:
+    """One split's items (cut to data.limit) decoded through the cache; DataError when none is readable."""
+    chosen = subset(items, data_cfg.limit, data_cfg.split_seed, listing.task)
     cache_dir = Path(data_cfg.cache_dir).expanduser() / "decoded"
-    splits = {}
-    for name in SPLITS:
-        chosen = subset(items[name], data_cfg.limit, data_cfg.split_seed, listing.task)
-        try:
-            splits[name] = load_split(chosen, data_cfg.image_size, cache_dir, data_cfg.decode_workers, name,
-                                      data_cfg.window)
-        except DecoderMissing as error:  # every file of such an export is compressed alike: not a skip
-            raise DataError(str(error)) from None
-        if len(splits[name]) == 0:
-            raise DataError(f"no readable images in {listing.where(name)}{first_reason(splits[name].skipped)}")
+    try:
+        split = load_split(chosen, data_cfg.image_size, cache_dir, data_cfg.decode_workers, name, data_cfg.window)
+    except DecoderMissing as error:  # every file of such an export is compressed alike: not a skip
+        raise DataError(str(error)) from None
+    if len(split) == 0:
+        raise DataError(f"no readable images in {listing.where(name)}{first_reason(split.skipped)}")
+    return split
+
+
+def warn_skipped(skipped: dict[str, str]) -> None:
+    if skipped:
+        log.warning("skipped %d unreadable file(s): %s", len(skipped),
+                    ", ".join(f"{path} ({reason})" for path, reason in skipped.items()))
+
+
+def load_dataset(data_cfg) -> Dataset:
+    """Everything `run()` needs from the data config: classes and three decoded splits."""
+    listing = LAYOUTS[data_cfg.layout](data_cfg)
+    items = carved(data_cfg, listing)
+    splits = {name: decoded(data_cfg, listing, name, items[name]) for name in SPLITS}
     check_train_labels(listing, splits["train"])
     dataset = Dataset(listing.root, listing.task, **splits, patients=listing.patients.source)
-    if dataset.skipped:
-        log.warning("skipped %d unreadable file(s): %s", len(dataset.skipped),
-                    ", ".join(f"{path} ({reason})" for path, reason in dataset.skipped.items()))
+    warn_skipped(dataset.skipped)
     return dataset
+
+
+@dataclass
+class Target:
+    """The data a trained model is evaluated on (cxr.evaluate): its task and the decoded splits asked for."""
+
+    root: Path
+    task: Task
+    splits: dict[str, Split]
+    patients: str
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return {path: reason for split in self.splits.values() for path, reason in split.skipped.items()}
+
+
+def load_target(data_cfg, names: tuple[str, ...]) -> Target:
+    """The splits `names` of the data config, decoded as `load_dataset` decodes them (the same
+    cache entries where the split is the same). The test split alone needs no validation carved
+    (it does not depend on it); every split is listed as training lists it, validation carved."""
+    listing = LAYOUTS[data_cfg.layout](data_cfg)
+    items = listing.items if names == ("test",) else carved(data_cfg, listing)
+    target = Target(listing.root, listing.task, {name: decoded(data_cfg, listing, name, items[name]) for name in names},
+                    listing.patients.source)
+    warn_skipped(target.skipped)
+    return target

@@ -98,6 +98,10 @@ class FeatureNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
+    def standardises(self) -> bool:
+        """Whether it holds fitted statistics (a frozen backbone), rather than the identity."""
+        return bool(self.mean.any() or (self.std != 1).any())
+
 
 class Classifier(nn.Module):
     """`backbone` maps images to a feature vector, `feature_norm` scales it, `head` gives logits.

@@ -131,7 +131,7 @@ class RunBoard:
             if len(indices) == 0:  # a finding without positive test images: its row stays empty
                 continue
             try:
-                cams, _ = grad_cam(model, preprocess(images[indices], channels_last=False), target)
+                cams, _ = grad_cam(model, task, preprocess(images[indices], channels_last=False), target)
             except GradCamUnavailable as reason:
                 log.info("no test/gradcam figure: %s", reason)
                 plt.close(fig)

@@ -7,6 +7,9 @@ from torch import nn
 from cxr.config import ConfigError, effective, validate
 from cxr.explain import GradCamUnavailable, grad_cam
 from cxr.model import BACKBONES, WeightsError, build_backbone, build_model, build_optimizer, weights_digest
+from cxr.task import Task
+
+BINARY = Task.of(["NORMAL", "PNEUMONIA"], multilabel=False)
 
 # the model config group's files, one per backbone (conf/model/<name>.yaml)
 LISTED = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "efficientnet_b0",
@@ -82,14 +85,14 @@ def test_imagenet_weights_offline_name_the_backbones_file(make_cfg, tmp_path, mo
 
 @pytest.mark.parametrize(("name", "size", "side"), [
     ("resnet50", 224, 7),  # layer4 is 224 / 32 = 7 on a side: fine enough
-    ("resnet50", 64, 4),  # layer4 would be 2 x 2: layer3's 64 / 16 = 4 instead
-    ("swin_t", 64, 4),  # (B, H, W, C) stages: its third stage, 64 / 16
-    ("efficientnet_b0", 64, 4),
+    ("resnet50", 64, 8),  # layer4 would be 2 x 2, layer3 4 x 4: layer2's 64 / 8 = 8 instead
+    ("swin_t", 64, 8),  # (B, H, W, C) stages: its second stage, 64 / 8
+    ("efficientnet_b0", 64, 8),
 ])
 def test_grad_cam_uses_the_last_stage_fine_enough_to_show_something(make_cfg, name, size, side):
     cfg = make_cfg(f"model={name}", "model.weights=null")
     model = build_model(cfg.model, size, 2)
-    cams, logits = grad_cam(model, torch.randn(2, 3, size, size), target=1)
+    cams, logits = grad_cam(model, BINARY, torch.randn(2, 3, size, size), target=1)
     assert cams.shape == (2, side, side) and logits.shape == (2, 2)
     assert cams.amax() <= 1 and cams.amin() >= 0
 
@@ -97,7 +100,7 @@ def test_grad_cam_uses_the_last_stage_fine_enough_to_show_something(make_cfg, na
 def test_grad_cam_says_why_a_vit_has_none(make_cfg):
     model = build_model(make_cfg("model=vit_b_16", "model.weights=null").model, 32, 2)
     with pytest.raises(GradCamUnavailable, match="patch embedding"):
-        grad_cam(model, torch.zeros(1, 3, 32, 32), target=1)
+        grad_cam(model, BINARY, torch.zeros(1, 3, 32, 32), target=1)
 
 
 def test_trainable_stages_unfreeze_the_last_stages_only(make_cfg):

@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import os
+import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -92,7 +93,8 @@ def decoded_images(paths: list[str], size: int, workers: int, desc: str) -> Iter
     and keep every result the consumer has not reached yet).
     """
     workers = workers or os.cpu_count() or 1
-    with tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False) as progress:
+    # disable=None: a bar only on a terminal (a log file gets _build_cache's one line instead)
+    with tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False, disable=None) as progress:
         if workers == 1 or len(paths) < 64:
             for path in paths:
                 yield decode_image(path, size)
@@ -155,7 +157,10 @@ def _build_cache(items: list[tuple[str, int]], size: int, workers: int, desc: st
     # the pid keeps concurrent writers (other hosts sharing the cache dir) off each other's file
     tmp = array_file.with_name(f".{array_file.name}.{os.getpid()}.tmp")
     try:
+        started = time.perf_counter()
         kept, skipped = _write_images(tmp, items, size, workers, desc)
+        log.info("decoded %d images of %s in %.1f s (%d unreadable), cached in %s", len(kept), desc,
+                 time.perf_counter() - started, len(skipped), array_file)
         # Decoding above stays interruptible (an interrupt leaves only `tmp`, removed below); the
         # move into place is not, like atomic_write's. The old index goes first: an index on disk
         # always describes the array beside it, written last, once that array is whole and synced.

@@ -109,8 +109,11 @@ def resume_or_start(checkpoints: Checkpoints, cfg) -> TrainingState:
         return TrainingState()
     if checkpoints.last_path.exists():
         return checkpoints.resume()
-    log.warning("trainer.resume=true but there is no %s: starting from epoch 1 (to continue a "
-                "run, pass its folder as hydra.run.dir)", checkpoints.last_path)
+    # a sweep resumes every job: a fresh job folder (or one whose run failed before training) is
+    # no news, a folder holding a trained epoch's best.pt without last.pt is
+    if checkpoints.best_path.exists():
+        log.warning("trainer.resume=true but %s holds %s and no %s: starting from epoch 1",
+                    checkpoints.best_path.parent, BEST, LAST)
     return TrainingState()
 
 

@@ -77,6 +77,11 @@ def fingerprint(cfg) -> dict:
     return {k: v for k, v in flat.items() if k not in changeable}
 
 
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The keys whose values differ between two fingerprints, sorted."""
+    return sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+
+
 def trained_state(model: Classifier, frozen: bool) -> dict:
     """The weights a checkpoint holds: all of them, or all but the frozen backbone's."""
     state = model.state_dict()
@@ -126,8 +131,7 @@ class Checkpoints:
     def resume(self) -> TrainingState:
         """The state in last.pt, loaded into the model, optimizer, scaler and RNGs."""
         saved = load_checkpoint(self.last_path)
-        changed = sorted(k for k in set(self.fingerprint) | set(saved["fingerprint"])
-                         if self.fingerprint.get(k) != saved["fingerprint"].get(k))
+        changed = config_changes(saved["fingerprint"], self.fingerprint)
         if changed:
             raise CheckpointError(f"{self.last_path} was written by another config ({', '.join(changed[:5])} "
                                   "differ); resume with the same config or use a new run dir")

@@ -245,3 +245,45 @@ def test_official_val_split_uses_the_val_folder(make_cfg, tmp_path, embedded_roo
     official_val = sum(1 for _ in (embedded_root / "val").rglob("*.jpeg"))
     official_train = sum(1 for _ in (embedded_root / "train").rglob("*.jpeg"))
     assert (result["data"]["val"], result["data"]["train"]) == (official_val, official_train)
+
+
+@pytest.mark.slow
+def test_item2_a_sweep_rerun_after_a_config_edit_is_refused_then_rerun_when_asked(tmp_path):
+    """The experiment file's lr is edited between two runs into one hydra.sweep.dir: the job's
+    folder name stays the same, so before the fix its old result was skipped over as current."""
+    experiments = tmp_path / "conf" / "experiment"
+    experiments.mkdir(parents=True)
+    edited = experiments / "edited.yaml"
+    edited.write_text("# @package _global_\noptimizer:\n  lr: 1.0e-4\n")
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "cxr.train", "-m", "experiment=edited", "debug=smoke", "trainer.epochs=1",
+               "trainer.bootstrap=0", "trainer.tensorboard_images=false", f"hydra.sweep.dir={sweep}",
+               f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
+
+    def sweep_run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *extra], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=ONE_THREAD, timeout=600)
+
+    first = sweep_run()
+    assert first.returncode == 0, first.stdout[-3000:]
+    (job,) = [path for path in sweep.iterdir() if path.is_dir()]
+    assert read_result(job)["optimizer"]["lr"] == 1e-4
+    run_files = lambda: {path.name: stamp(path) for path in job.iterdir()  # noqa: E731
+                         if path.is_file() and path.suffix != ".log"}  # Hydra appends each launch's log
+    before = run_files()
+
+    edited.write_text("# @package _global_\noptimizer:\n  lr: 2.0e-4\n")
+    refused = sweep_run()
+    assert refused.returncode == 1 and "Traceback" not in refused.stdout, refused.stdout[-3000:]
+    (line,) = [line for line in refused.stdout.splitlines() if "trainer.rerun_changed=true" in line]
+    assert "optimizer.lr" in line and str(job) in line and "skipping" not in refused.stdout
+    assert run_files() == before
+
+    rerun = sweep_run("trainer.rerun_changed=true")
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert [path for path in sweep.iterdir() if path.is_dir()] == [job]  # the same job folder
+    result = read_result(job)
+    assert result["status"] == "ok" and result["optimizer"]["lr"] == 2e-4
+    assert result["fingerprint"]["optimizer.lr"] == 2e-4
+    assert stamp(job / "best.pt") != before["best.pt"]
+    assert "skipping" in sweep_run("trainer.rerun_changed=true").stdout  # now current: skipped

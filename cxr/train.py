@@ -77,7 +77,7 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     task = dataset.task
     training = build_training(cfg, splits, task, runtime)
     model, view, scheduler = training.model, training.view, training.scheduler
-    checkpoints = Checkpoints(output_dir, model, training.optimizer, scheduler, runtime, cfg, task)
+    checkpoints = Checkpoints(output_dir, model, training.optimizer, scheduler, runtime, cfg, task, dataset.index())
     record["fingerprint"] = checkpoints.fingerprint  # what a re-run compares (see stale_result)
 
     state = resume_or_start(checkpoints, cfg)

@@ -13,11 +13,20 @@ Labels are int64: one class index per image (N,), or for multi-label data one va
 (N, K) with 1 present, 0 absent and -1 unknown (masked out of the loss and the metrics).
 """
 
+import ctypes
+import errno
 import hashlib
+import io
 import json
 import logging
+import math
 import multiprocessing
 import os
+import re
+import shutil
+import signal
+import socket
+import sys
 import time
 import zlib
 from collections import deque
@@ -85,6 +94,22 @@ def _decode_task(paths: list[str], size: int) -> list[np.ndarray | None]:
     return [decode_image(path, size) for path in paths]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _end_with_parent(parent: int) -> None:
+    """Decode worker initializer: the worker is killed when the process that started it dies.
+
+    A killed parent (SIGKILL, the OOM killer, a full disk's SIGBUS) cannot shut its pool down,
+    and its workers would wait for tasks for ever, holding the cache file (found minutes later).
+    SIGKILL, not SIGTERM: a forked worker has the parent's Python signal handlers.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def decoded_images(paths: list[str], size: int, workers: int, desc: str) -> Iterator[np.ndarray | None]:
     """`decode_image` of each path, in order, over `workers` processes (0: every core).
 
@@ -102,7 +127,8 @@ def decoded_images(paths: list[str], size: int, workers: int, desc: str) -> Iter
             return
         tasks = (paths[i:i + TASK_IMAGES] for i in range(0, len(paths), TASK_IMAGES))
         # fork: the children only run PIL and NumPy, and start in milliseconds
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_end_with_parent, initargs=(os.getpid(),)) as pool:
             pending = deque(pool.submit(_decode_task, task, size) for task in islice(tasks, 4 * workers))
             while pending:
                 images = pending.popleft().result()
@@ -142,6 +168,7 @@ def load_split(items: list[tuple[str, int]], size: int, cache_dir: Path, workers
     array_file, index_file = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     # sweep jobs started together: the first decodes, the others wait and read its cache
     with exclusive(cache_dir / f".{key}.lock"):
+        _remove_stale_tmp(cache_dir)
         if index_file.exists() and array_file.exists():
             cached = _read_cache(index_file, array_file, items, size)
             if cached is not None:
@@ -154,8 +181,9 @@ def load_split(items: list[tuple[str, int]], size: int, cache_dir: Path, workers
 def _build_cache(items: list[tuple[str, int]], size: int, workers: int, desc: str,
                  array_file: Path, index_file: Path) -> Split:
     """Decode `items` into `array_file` and write its index; the split, mapped from the file."""
-    # the pid keeps concurrent writers (other hosts sharing the cache dir) off each other's file
-    tmp = array_file.with_name(f".{array_file.name}.{os.getpid()}.tmp")
+    # host and pid keep concurrent writers (other hosts sharing the cache dir) off each other's
+    # file, and tell a dead writer's file (see _remove_stale_tmp)
+    tmp = array_file.with_name(f".{array_file.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     try:
         started = time.perf_counter()
         kept, skipped = _write_images(tmp, items, size, workers, desc)
@@ -186,7 +214,7 @@ def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, workers: i
     The file is created with a slot for every item; readable images fill the slots in order, so
     when some are skipped the kept ones are already contiguous and the file is cut short.
     """
-    offset = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(items), size, size)).offset
+    offset = _reserved_npy(tmp, (len(items), size, size))
     rows = max(1, CHUNK_BYTES // (size * size))
     kept, skipped, chunk = [], [], []
     decoded = decoded_images([path for path, _ in items], size, workers, desc)
@@ -203,6 +231,62 @@ def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, workers: i
     if skipped:
         _shrink(tmp, offset, len(kept), size)
     return kept, skipped
+
+
+# what a full disk or quota says (EFBIG: a file size limit)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# a decode cache's temporary file: .<key>.npy.<host>-<pid>.tmp (see _build_cache)
+TMP_NAME = re.compile(r"\.[0-9a-f]+\.npy\.(?P<host>.+)-(?P<pid>\d+)\.tmp")
+
+
+def _reserved_npy(tmp: Path, shape: tuple[int, ...]) -> int:
+    """Create the .npy at `tmp` with every block of it allocated; the offset of its data.
+
+    Written through memory maps, a file that is only sized (sparse) meets a full disk as SIGBUS:
+    the process dies without a word and leaves the file behind. Allocated first, a full disk is
+    an error here, before any decoding. (`tmp` is removed by the caller.)
+    """
+    from cxr.data.errors import DataError  # here: cxr.data imports this module
+
+    header = io.BytesIO()  # the header open_memmap writes (NumPy's own function)
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    needed = header.tell() + math.prod(shape)
+    try:
+        offset = np.lib.format.open_memmap(tmp, "w+", np.uint8, shape).offset
+        if not hasattr(os, "posix_fallocate"):  # macOS: the free space is checked instead
+            if shutil.disk_usage(tmp.parent).free < needed:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        else:
+            with open(tmp, "rb+") as f:
+                os.posix_fallocate(f.fileno(), 0, needed)
+    except OSError as error:
+        if error.errno not in NO_SPACE:
+            raise
+        raise DataError(f"no space for the decoded images in {tmp.parent}: {needed:,} bytes needed, "
+                        f"{shutil.disk_usage(tmp.parent).free:,} free; free some, or set data.cache_dir "
+                        "(or CXR_CACHE_DIR) to a larger disk") from None
+    return offset
+
+
+def _remove_stale_tmp(cache_dir: Path) -> None:
+    """Remove the temporary cache files of this host's writers that are no longer running (killed
+    mid-build, they can be as large as a whole split)."""
+    host = socket.gethostname()
+    for path in cache_dir.glob(".*.tmp"):
+        match = TMP_NAME.fullmatch(path.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            log.info("removing %s, left by a writer that is no longer running", path)
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_rows(file: Path, offset: int, start: int, images: list[np.ndarray]) -> None:

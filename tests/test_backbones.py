@@ -1,19 +1,20 @@
 """Every listed torchvision backbone as a config choice: built, explained, refused where it cannot work."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from cxr.config import ConfigError, effective, validate
+from cxr.config import CONF_DIR, ConfigError, effective, validate
 from cxr.explain import GradCamUnavailable, grad_cam
 from cxr.model import BACKBONES, WeightsError, build_backbone, build_model, build_optimizer, weights_digest
 from cxr.task import Task
 
 BINARY = Task.of(["NORMAL", "PNEUMONIA"], multilabel=False)
 
-# the model config group's files, one per backbone (conf/model/<name>.yaml)
-LISTED = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "efficientnet_b0",
-          "efficientnet_v2_s", "convnext_tiny", "regnet_y_1_6gf", "vit_b_16", "swin_t")
+# the model config group's files, one per backbone (conf/model/<name>.yaml), as they are on disk
+LISTED = sorted(path.stem for path in (Path(CONF_DIR) / "model").glob("*.yaml"))
 # feature vector of each backbone with its config's pooling at 32 px: flatten keeps the
 # C x h x w map (32 px is 1 x 1 after the 32x downsampling), vit reads its 768-wide class token
 FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "densenet121": 1024,
@@ -21,8 +22,11 @@ FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 204
             "regnet_y_1_6gf": 888, "vit_b_16": 768, "swin_t": 768}
 
 
-def test_the_listed_backbones_are_the_registered_ones():
-    assert set(LISTED) == set(BACKBONES)
+def test_each_model_config_file_is_a_registered_backbone_and_each_backbone_has_one(make_cfg):
+    """conf/model/'s files against cxr.model.BACKBONES and the hand-made feature table: a backbone
+    added to one and not the others, or a file naming another backbone than its own, fails."""
+    assert set(LISTED) == set(BACKBONES) == set(FEATURES)
+    assert [make_cfg(f"model={name}").model.backbone for name in LISTED] == LISTED
 
 
 @pytest.mark.parametrize("name", LISTED)

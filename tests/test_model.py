@@ -69,6 +69,7 @@ def test_imagenet_weights_offline_say_where_torch_looks(make_cfg, tmp_path, monk
         build_model(cfg.model, 64, num_classes=2)
 
 
+@pytest.mark.slow
 def test_item1_frozen_stages_keep_their_batchnorm_statistics(make_cfg, tmp_path):
     """model.trainable_stages=1: a real run trains layer4 (and what follows) only. The BatchNorm
     running statistics of the stem and layer1-3 in best.pt are those of a freshly built model of

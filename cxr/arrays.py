@@ -13,10 +13,16 @@ array's size.
 """
 
 import ctypes
+import errno
+import io
 import json
+import logging
 import math
 import mmap
 import os
+import re
+import shutil
+import socket
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,8 +31,18 @@ import numpy as np
 
 from cxr.files import atomic_write, signals_deferred
 
+log = logging.getLogger(__name__)
+
 # rows held in memory at a time while an array is written, checked or copied to a device
 CHUNK_BYTES = 16 << 20
+# what a full disk or quota says (EFBIG: a file size limit)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# a temporary array file: .<name>.npy.<host>-<pid>.tmp (see `build`)
+TMP_NAME = re.compile(r"\..+\.npy\.(?P<host>.+)-(?P<pid>\d+)\.tmp")
+
+
+class DiskFull(OSError):
+    """No room for an array: one line naming the folder, the bytes needed and the bytes free."""
 
 
 def chunk_rows(shape: Sequence[int], itemsize: int) -> int:
@@ -35,8 +51,52 @@ def chunk_rows(shape: Sequence[int], itemsize: int) -> int:
 
 
 def create(path: Path, dtype, shape: Sequence[int]) -> int:
-    """A new .npy at `path` with room for `shape` (sparse until written); the offset of its first row."""
-    return np.lib.format.open_memmap(path, "w+", dtype, tuple(shape)).offset
+    """A new .npy at `path` with room for `shape`, every block of it allocated; the offset of its
+    first row.
+
+    Written through memory maps, a file that is only sized (sparse) meets a full disk as SIGBUS:
+    the process dies without a word and leaves the file behind. Allocated first, a full disk is
+    DiskFull here, before any work. (`path` is removed by the caller, `build`.)
+    """
+    header = io.BytesIO()  # the header open_memmap writes (NumPy's own function)
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+    needed = header.tell() + math.prod(shape) * np.dtype(dtype).itemsize
+    try:
+        offset = np.lib.format.open_memmap(path, "w+", dtype, tuple(shape)).offset
+        if not hasattr(os, "posix_fallocate"):  # macOS: the free space is checked instead
+            if shutil.disk_usage(path.parent).free < needed:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        else:
+            with open(path, "rb+") as f:
+                os.posix_fallocate(f.fileno(), 0, needed)
+    except OSError as error:
+        if error.errno not in NO_SPACE:
+            raise
+        raise DiskFull(f"{path.parent}: {needed:,} bytes needed, {shutil.disk_usage(path.parent).free:,} free; "
+                       "free some, or set data.cache_dir (or CXR_CACHE_DIR) to a larger disk") from None
+    return offset
+
+
+def remove_stale_tmp(folder: Path) -> None:
+    """Remove the temporary array files of this host's writers that are no longer running (killed
+    mid-build, they can be as large as a whole split); another host's, on a shared disk, stay."""
+    host = socket.gethostname()
+    for path in folder.glob(".*.tmp"):
+        match = TMP_NAME.fullmatch(path.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            log.info("removing %s, left by a writer that is no longer running", path)
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_rows(path: Path, offset: int, start: int, rows: Sequence[np.ndarray]) -> None:
@@ -65,8 +125,9 @@ def build(array_file: Path, index_file: Path, write: Callable[[Path], dict],
     always describes the array beside it. `write` stays interruptible (an interrupt leaves only the
     temporary file, removed here); the move is not, like `atomic_write`'s.
     """
-    # the pid keeps concurrent writers (other hosts sharing the cache dir) off each other's file
-    tmp = array_file.with_name(f".{array_file.name}.{os.getpid()}.tmp")
+    # host and pid keep concurrent writers (other hosts sharing the cache dir) off each other's
+    # file, and tell a dead writer's file (see remove_stale_tmp)
+    tmp = array_file.with_name(f".{array_file.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     try:
         index = write(tmp)
         with signals_deferred():

@@ -84,6 +84,11 @@ def fingerprint(cfg) -> dict:
     return {k: v for k, v in flat.items() if k not in changeable}
 
 
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The keys whose values differ between two fingerprints, sorted."""
+    return sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+
+
 def trained_state(model: Classifier, frozen: bool) -> dict:
     """The weights a checkpoint holds: all of them, or all but the frozen backbone's."""
     state = model.state_dict()
@@ -97,11 +102,12 @@ class Checkpoints:
     """
 
     def __init__(self, output_dir: Path, model: Classifier, optimizer, scheduler, runtime: Runtime, cfg,
-                 task: Task):
+                 task: Task, data_index: dict):
         self.last_path, self.best_path = Path(output_dir) / LAST, Path(output_dir) / BEST
         self.model, self.optimizer, self.runtime, self.cfg = model, optimizer, runtime, cfg
         self.scheduler = scheduler
         self.task = task
+        self.data_index = data_index  # cxr.data.Dataset.index(): the images and labels trained on
         self.frozen = cfg.model.freeze_backbone
         self.fingerprint = fingerprint(cfg)
         # resolved once: a run saves last.pt every epoch (resolving took half of a head epoch's time)
@@ -119,7 +125,7 @@ class Checkpoints:
                          "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else None,
                          **asdict(state), "rng": rngs, "num_threads": torch.get_num_threads(),
-                         "fingerprint": self.fingerprint,
+                         "fingerprint": self.fingerprint, "data_index": self.data_index,
                          "config": self.config}, self.last_path)
 
     def save_best(self, epoch: int, threshold: float | list[float], weights: dict | None = None) -> None:
@@ -136,11 +142,11 @@ class Checkpoints:
     def resume(self) -> TrainingState:
         """The state in last.pt, loaded into the model, optimizer, scaler and RNGs."""
         saved = load_checkpoint(self.last_path)
-        changed = sorted(k for k in set(self.fingerprint) | set(saved["fingerprint"])
-                         if self.fingerprint.get(k) != saved["fingerprint"].get(k))
+        changed = config_changes(saved["fingerprint"], self.fingerprint)
         if changed:
             raise CheckpointError(f"{self.last_path} was written by another config ({', '.join(changed[:5])} "
                                   "differ); resume with the same config or use a new run dir")
+        self._check_data(saved.get("data_index"))
         self.model.load_state_dict(saved["model"], strict=not self.frozen)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -159,6 +165,19 @@ class Checkpoints:
             self.save_best(state.best_epoch, state.threshold, saved["model"])
         log.info("resumed from %s at epoch %d", self.last_path, state.epoch + 1)
         return state
+
+    def _check_data(self, saved: dict | None) -> None:
+        """The images and labels are those last.pt was trained on (data.root and data.csv may have
+        moved: the index holds paths relative to the dataset folder)."""
+        if saved is None:
+            raise CheckpointError(f"{self.last_path} holds no index of the images it was trained on (an older "
+                                  "cxr wrote it): it cannot be checked against this data; use a new run dir")
+        differ = [f"{name} {saved[name]['images']} -> {self.data_index[name]['images']} images"
+                  if saved[name]["images"] != self.data_index[name]["images"] else f"{name} other files or labels"
+                  for name in saved if saved[name] != self.data_index[name]]
+        if differ:
+            raise CheckpointError(f"{self.last_path} was trained on other images or labels ({', '.join(differ)}); "
+                                  "resume on the same dataset, or use a new run dir")
 
     def _best_epoch_on_disk(self) -> int | None:
         return load_checkpoint(self.best_path)["epoch"] if self.best_path.exists() else None

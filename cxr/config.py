@@ -182,6 +182,9 @@ class TrainerConfig:
     # version (cross-entropy, average pooling's backward), which run with a warning (cxr.runtime)
     deterministic: bool = False
     resume: bool = resumable(False)
+    # a finished run whose config differs from this one's (an edited conf/ file, say) is refused
+    # on resumption (a sweep's re-run), unless this asks to re-run it from scratch with this config
+    rerun_changed: bool = resumable(False)
     # keep last.pt after a run ends ok, so that `trainer.resume=true trainer.epochs=N+k` can extend
     # it (a finished run otherwise keeps only best.pt: last.pt holds the optimizer state too)
     keep_last: bool = resumable(False)

@@ -16,6 +16,7 @@ Labels are int64: one class index per image (N,), or for multi-label data one va
 (N, K) with 1 present, 0 absent and -1 unknown (masked out of the loss and the metrics).
 """
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -23,6 +24,9 @@ import logging
 import mmap
 import multiprocessing
 import os
+import signal
+import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -110,6 +114,22 @@ def _decode_task(paths: list[str], size: int, window: str) -> list[np.ndarray | 
     return [decode_image(path, size, window) for path in paths]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _end_with_parent(parent: int) -> None:
+    """Decode worker initializer: the worker is killed when the process that started it dies.
+
+    A killed parent (SIGKILL, the OOM killer, a full disk's SIGBUS) cannot shut its pool down,
+    and its workers would wait for tasks for ever, holding the cache file (found minutes later).
+    SIGKILL, not SIGTERM: a forked worker has the parent's Python signal handlers.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def decoded_images(paths: list[str], size: int, workers: int, desc: str,
                    window: str = DEFAULT_WINDOW) -> Iterator[np.ndarray | str]:
     """`decode_image` of each path, in order, over `workers` processes (0: every core).
@@ -119,7 +139,8 @@ def decoded_images(paths: list[str], size: int, workers: int, desc: str,
     and keep every result the consumer has not reached yet).
     """
     workers = workers or os.cpu_count() or 1
-    with tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False) as progress:
+    # disable=None: a bar only on a terminal (a log file gets _build_cache's one line instead)
+    with tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False, disable=None) as progress:
         if workers == 1 or len(paths) < 64:
             for path in paths:
                 yield decode_image(path, size, window)
@@ -127,7 +148,8 @@ def decoded_images(paths: list[str], size: int, workers: int, desc: str,
             return
         tasks = (paths[i:i + TASK_IMAGES] for i in range(0, len(paths), TASK_IMAGES))
         # fork: the children only run PIL and NumPy, and start in milliseconds
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_end_with_parent, initargs=(os.getpid(),)) as pool:
             pending = deque(pool.submit(_decode_task, task, size, window) for task in islice(tasks, 4 * workers))
             while pending:
                 images = pending.popleft().result()
@@ -169,6 +191,7 @@ def load_split(items: list[tuple[str, int]], size: int, cache_dir: Path, workers
     array_file, index_file = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     # sweep jobs started together: the first decodes, the others wait and read its cache
     with exclusive(cache_dir / f".{key}.lock"):
+        arrays.remove_stale_tmp(cache_dir)
         if index_file.exists() and array_file.exists():
             cached = _read_cache(index_file, array_file, items, size, window)
             if cached is not None:
@@ -183,7 +206,10 @@ def _build_cache(items: list[tuple[str, int]], size: int, window: str, workers: 
     """Decode `items` into `array_file` and write its index; the split, mapped from the file."""
 
     def write(tmp: Path) -> dict:
+        started = time.perf_counter()
         kept, skipped = _write_images(tmp, items, size, window, workers, desc)
+        log.info("decoded %d images of %s in %.1f s (%d unreadable), cached in %s", len(kept), desc,
+                 time.perf_counter() - started, len(skipped), array_file)
         return {"version": CACHE_VERSION, "size": size, "window": window, "paths": [path for path, _ in kept],
                 "labels": [_json_label(label) for _, label in kept], "skipped": skipped}
 
@@ -200,7 +226,12 @@ def _write_images(tmp: Path, items: list[tuple[str, int]], size: int, window: st
     build's memory is about twice a chunk (the chunk, then its pages in the file map), whatever the
     number of images.
     """
-    offset = arrays.create(tmp, np.uint8, (len(items), size, size))
+    from cxr.data.errors import DataError  # here: cxr.data imports this module
+
+    try:
+        offset = arrays.create(tmp, np.uint8, (len(items), size, size))
+    except arrays.DiskFull as error:
+        raise DataError(f"no space for the decoded images: {error}") from None
     rows = arrays.chunk_rows((len(items), size, size), 1)
     kept, skipped, chunk = [], {}, []
     decoded = decoded_images([path for path, _ in items], size, workers, desc, window)

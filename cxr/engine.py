@@ -84,7 +84,9 @@ def train_one_epoch(model, optimizer, batches: Iterable, task: Task, *, device: 
     step = 0
     lrs: list[float] = []
     pending: list[torch.Tensor] = []  # losses since the last check, kept on the device
-    bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
+    # disable=None: a bar only on a terminal; a log file gets the epoch's one line (cxr.train)
+    bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit="batch", leave=False,
+               disable=None if progress else True)
     optimizer.zero_grad(set_to_none=True)  # set_to_none frees the gradient memory
     for step, (x, labels) in enumerate(bar, start=1):
         group_end = min(total or math.inf, math.ceil(step / accumulate_steps) * accumulate_steps)

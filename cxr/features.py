@@ -160,6 +160,7 @@ def load_features(array_file: Path, rows: int, batches: Callable[[], Iterator[to
     """
     index_file = array_file.with_suffix(".json")
     with exclusive(array_file.with_name(f".{array_file.stem}.lock")):
+        arrays.remove_stale_tmp(array_file.parent)
         if array_file.exists() or index_file.exists():
             features = _read(array_file, index_file, rows)
             if features is not None:

@@ -112,6 +112,10 @@ class FeatureNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
+    def standardises(self) -> bool:
+        """Whether it holds fitted statistics (a frozen backbone), rather than the identity."""
+        return bool(self.mean.any() or (self.std != 1).any())
+
 
 class Classifier(nn.Module):
     """`backbone` maps images to a feature vector, `feature_norm` scales it, `head` gives logits.
@@ -132,6 +136,18 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.feature_norm(self.backbone(x)))
 
+    def train(self, mode: bool = True) -> "Classifier":
+        """Train mode for what trains; the backbone's frozen parts (model.trainable_stages, a frozen
+        backbone) stay in eval mode, as Keras' trainable=False layers do: their BatchNorm layers
+        keep normalising with, and never update, the running statistics they were built with.
+        Here, not in the training loop, so that every caller of train() (DDP and torch.compile
+        wrappers pass it on) gets it."""
+        super().train(mode)
+        if mode:
+            for part in frozen_parts(self.backbone):
+                part.eval()
+        return self
+
     def top(self) -> nn.Sequential:
         """What sits on the backbone's features: what trains when the backbone is frozen."""
         return nn.Sequential(self.feature_norm, self.head)
@@ -140,6 +156,14 @@ class Classifier(nn.Module):
         """The backbone's stage paths that exist in it, input to output."""
         names = dict(self.backbone.named_modules())
         return [path for path in FAMILIES[self.family].stages(self.backbone) if path in names]
+
+
+def frozen_parts(module: nn.Module) -> list[nn.Module]:
+    """The largest submodules of `module` whose parameters all exist and none of which trains."""
+    parameters = list(module.parameters())
+    if parameters and not any(parameter.requires_grad for parameter in parameters):
+        return [module]
+    return [part for child in module.children() for part in frozen_parts(child)]
 
 
 def imagenet_state_dict(backbone: str) -> dict:

@@ -107,7 +107,7 @@ def classify(model: Classifier, task: Task, settings: dict, files: list[Path], d
                     logits = model(x)
                 cams = [None] * len(x)
             else:
-                cams, logits = grad_cam(model, x, target)
+                cams, logits = grad_cam(model, task, x, target)
             probs = task.probabilities(logits, settings["temperature"]).cpu().numpy()
             labels = task.decide(probs, threshold)
             for p, label, cam in zip(probs, labels, cams, strict=True):

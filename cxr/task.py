@@ -148,6 +148,18 @@ class Task:
             logits = logits / torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
+    def log_odds(self, logits: torch.Tensor, target: int) -> torch.Tensor:
+        """log(p / (1 - p)) of output `target` per image (B,), what Grad-CAM explains: a sigmoid's
+        logit; under softmax the target's logit minus the log-sum-exp of the others'. A softmax
+        logit alone also holds a part common to every class, which moves no probability: with a
+        frozen backbone's standardised features that part can outweigh the rest and leave the
+        map of a confident answer blank. (No saturation either: log(p) stops moving as p -> 1.)"""
+        logits = logits.float()
+        if self.multilabel:
+            return logits[:, target]
+        others = torch.cat([logits[:, :target], logits[:, target + 1:]], dim=1)
+        return logits[:, target] - torch.logsumexp(others, dim=1)
+
     # -----------------------------------------------------------------------------------------
     # Decisions and metrics: numpy arrays, probabilities (N, C) and labels (N,) or (N, K)
 

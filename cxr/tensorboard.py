@@ -155,7 +155,7 @@ class RunBoard:
                 continue
             try:
                 inputs = images[indices].to(next(model.parameters()).device)
-                cams, _ = grad_cam(model, preprocess(inputs, channels_last=False), target)
+                cams, _ = grad_cam(model, task, preprocess(inputs, channels_last=False), target)
             except GradCamUnavailable as reason:
                 log.info("no test/gradcam figure: %s", reason)
                 plt.close(fig)

@@ -25,9 +25,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cxr import results
+from cxr.arrays import DiskFull
 from cxr.batches import epoch_augment
 from cxr.calibration import CALIBRATIONS
-from cxr.checkpoint import BEST, LAST, CheckpointError, Checkpoints
+from cxr.checkpoint import BEST, LAST, CheckpointError, Checkpoints, config_changes, fingerprint
 from cxr.config import (
     CONF_DIR,
     ConfigError,
@@ -58,9 +59,13 @@ class RunDirError(Exception):
     """A fresh run asked to write into a folder that holds another run."""
 
 
+class ChangedConfigError(RunDirError):
+    """A resumed run (a sweep's re-run) found a finished run of another config in its folder."""
+
+
 # mistakes a user can make and fix: reported in one line, never as a traceback
 USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError, NonFiniteLossError,
-               DeviceError, torch.OutOfMemoryError)
+               DeviceError, DiskFull, torch.OutOfMemoryError)
 
 
 def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
@@ -82,7 +87,8 @@ def run(cfg, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     task = dataset.task
     training = build_training(cfg, (dataset.train, dataset.val, dataset.test), task, runtime)
     model, view, scheduler = training.model, training.view, training.scheduler
-    checkpoints = Checkpoints(output_dir, model, training.optimizer, scheduler, runtime, cfg, task)
+    checkpoints = Checkpoints(output_dir, model, training.optimizer, scheduler, runtime, cfg, task, dataset.index())
+    record["fingerprint"] = checkpoints.fingerprint  # what a re-run compares (see stale_result)
 
     state = resume_or_start(checkpoints, cfg)
     board = RunBoard(output_dir, state.epoch + 1, runtime.is_main)
@@ -118,8 +124,11 @@ def resume_or_start(checkpoints: Checkpoints, cfg) -> TrainingState:
         return TrainingState()
     if checkpoints.last_path.exists():
         return checkpoints.resume()
-    log.warning("trainer.resume=true but there is no %s: starting from epoch 1 (to continue a "
-                "run, pass its folder as hydra.run.dir)", checkpoints.last_path)
+    # a sweep resumes every job: a fresh job folder (or one whose run failed before training) is
+    # no news, a folder holding a trained epoch's best.pt without last.pt is
+    if checkpoints.best_path.exists():
+        log.warning("trainer.resume=true but %s holds %s and no %s: starting from epoch 1",
+                    checkpoints.best_path.parent, BEST, LAST)
     return TrainingState()
 
 
@@ -277,22 +286,60 @@ def used_run_dir(output_dir: Path) -> str | None:
             "it, or choose another hydra.run.dir")
 
 
+def stale_result(previous: dict, cfg) -> str | None:
+    """Why a finished run's result.json does not answer `cfg` (its config differs), or None."""
+    if "fingerprint" not in previous:
+        return "result.json has no config fingerprint to compare (an older cxr wrote it)"
+    saved, current = previous["fingerprint"], fingerprint(effective(cfg))
+    changed = config_changes(saved, current)
+    if not changed:
+        return None
+    shown = ", ".join(f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in changed[:3])
+    return f"config differs: {shown}{f' (+{len(changed) - 3} more)' if len(changed) > 3 else ''}"
+
+
+def clear_run(output_dir: Path) -> None:
+    """Remove a run's files from its folder (Hydra's .hydra/ and the log stay)."""
+    for path in [*(output_dir / name for name in (results.RESULT_FILE, results.PREDICTIONS_FILE, BEST, LAST)),
+                 *output_dir.glob("events.out.tfevents.*")]:
+        path.unlink(missing_ok=True)
+
+
+def finished(previous: dict | None, cfg, output_dir: Path) -> bool:
+    """Whether a resumed run (a sweep's re-run) is already done: its folder holds a finished run of
+    this config and epochs. A finished run of another config is refused (ChangedConfigError), or
+    with trainer.rerun_changed=true cleared away to run again; never reused."""
+    if not (cfg.trainer.resume and previous and previous.get("status") == results.OK):
+        return False
+    if stale := stale_result(previous, cfg):
+        if not cfg.trainer.rerun_changed:
+            raise ChangedConfigError(f"{output_dir} holds a finished run whose {stale}; pass "
+                                     "trainer.rerun_changed=true to re-run it with this config, or use "
+                                     "another hydra.sweep.dir (hydra.run.dir)")
+        log.warning("re-running %s (trainer.rerun_changed=true): its %s", output_dir, stale)
+        clear_run(output_dir)
+        return False
+    if cfg.trainer.epochs <= previous.get("epochs", 0):
+        log.info("already finished: %s (status ok), skipping", output_dir / results.RESULT_FILE)
+        return True
+    if not (output_dir / LAST).exists():
+        raise RunDirError(f"{output_dir} holds a finished run without {LAST}: only a run made with "
+                          "trainer.keep_last=true can be extended by more epochs")
+    return False
+
+
 def run_safely(cfg, output_dir: Path, overrides: list[str]) -> dict:
     """run(), with every outcome written to result.json: ok, skipped (already ok), or failed.
 
-    A fresh run into a folder that holds another run raises RunDirError and writes nothing.
+    A fresh run into a folder that holds another run raises RunDirError and writes nothing, and so
+    does a resumed one into a folder holding a finished run of another config (ChangedConfigError).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     previous = results.read(output_dir)
     if not cfg.trainer.resume and (problem := used_run_dir(output_dir)):
         raise RunDirError(problem)
-    if cfg.trainer.resume and previous and previous.get("status") == results.OK:
-        if cfg.trainer.epochs <= previous.get("epochs", 0):
-            log.info("already finished: %s (status ok), skipping", output_dir / results.RESULT_FILE)
-            return previous
-        if not (output_dir / LAST).exists():
-            raise RunDirError(f"{output_dir} holds a finished run without {LAST}: only a run made with "
-                              "trainer.keep_last=true can be extended by more epochs")
+    if finished(previous, cfg, output_dir):
+        return previous
     try:
         return run(cfg, output_dir, overrides)
     except (*USER_ERRORS, Interrupted) as error:
@@ -368,8 +415,10 @@ def main(cfg: DictConfig) -> float | None:
                             list(hydra_cfg.overrides.task))
     except RunDirError as error:  # nothing was written: the folder's run stays as it was
         log.error("%s", error)
-        if multirun:  # the other jobs go on; the report shows this job's files as they are
-            return None
+        if multirun and not isinstance(error, ChangedConfigError):
+            return None  # the other jobs go on; the report shows this job's files as they are
+        # a finished run of another config stops the sweep: its report would show that run's
+        # numbers beside this config's jobs
         sys.exit(1)
     if result["status"] == results.INTERRUPTED or (result["status"] != results.OK and not multirun):
         # one line already logged; finished files stay on disk. A signal stops a sweep too: its

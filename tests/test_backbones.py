@@ -1,16 +1,20 @@
 """Every listed torchvision backbone as a config choice: built, explained, refused where it cannot work."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from cxr.config import ConfigError, effective, validate
+from cxr.config import CONF_DIR, ConfigError, effective, validate
 from cxr.explain import GradCamUnavailable, grad_cam
 from cxr.model import BACKBONES, WeightsError, build_backbone, build_model, build_optimizer, weights_digest
+from cxr.task import Task
 
-# the model config group's files, one per backbone (conf/model/<name>.yaml)
-LISTED = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "efficientnet_b0",
-          "efficientnet_v2_s", "convnext_tiny", "regnet_y_1_6gf", "vit_b_16", "swin_t")
+BINARY = Task.of(["NORMAL", "PNEUMONIA"], multilabel=False)
+
+# the model config group's files, one per backbone (conf/model/<name>.yaml), as they are on disk
+LISTED = sorted(path.stem for path in (Path(CONF_DIR) / "model").glob("*.yaml"))
 # feature vector of each backbone with its config's pooling at 32 px: flatten keeps the
 # C x h x w map (32 px is 1 x 1 after the 32x downsampling), vit reads its 768-wide class token
 FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "densenet121": 1024,
@@ -18,8 +22,11 @@ FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 204
             "regnet_y_1_6gf": 888, "vit_b_16": 768, "swin_t": 768}
 
 
-def test_the_listed_backbones_are_the_registered_ones():
-    assert set(LISTED) == set(BACKBONES)
+def test_each_model_config_file_is_a_registered_backbone_and_each_backbone_has_one(make_cfg):
+    """conf/model/'s files against cxr.model.BACKBONES and the hand-made feature table: a backbone
+    added to one and not the others, or a file naming another backbone than its own, fails."""
+    assert set(LISTED) == set(BACKBONES) == set(FEATURES)
+    assert [make_cfg(f"model={name}").model.backbone for name in LISTED] == LISTED
 
 
 @pytest.mark.parametrize("name", LISTED)
@@ -82,14 +89,14 @@ def test_imagenet_weights_offline_name_the_backbones_file(make_cfg, tmp_path, mo
 
 @pytest.mark.parametrize(("name", "size", "side"), [
     ("resnet50", 224, 7),  # layer4 is 224 / 32 = 7 on a side: fine enough
-    ("resnet50", 64, 4),  # layer4 would be 2 x 2: layer3's 64 / 16 = 4 instead
-    ("swin_t", 64, 4),  # (B, H, W, C) stages: its third stage, 64 / 16
-    ("efficientnet_b0", 64, 4),
+    ("resnet50", 64, 8),  # layer4 would be 2 x 2, layer3 4 x 4: layer2's 64 / 8 = 8 instead
+    ("swin_t", 64, 8),  # (B, H, W, C) stages: its second stage, 64 / 8
+    ("efficientnet_b0", 64, 8),
 ])
 def test_grad_cam_uses_the_last_stage_fine_enough_to_show_something(make_cfg, name, size, side):
     cfg = make_cfg(f"model={name}", "model.weights=null")
     model = build_model(cfg.model, size, 2)
-    cams, logits = grad_cam(model, torch.randn(2, 3, size, size), target=1)
+    cams, logits = grad_cam(model, BINARY, torch.randn(2, 3, size, size), target=1)
     assert cams.shape == (2, side, side) and logits.shape == (2, 2)
     assert cams.amax() <= 1 and cams.amin() >= 0
 
@@ -97,7 +104,7 @@ def test_grad_cam_uses_the_last_stage_fine_enough_to_show_something(make_cfg, na
 def test_grad_cam_says_why_a_vit_has_none(make_cfg):
     model = build_model(make_cfg("model=vit_b_16", "model.weights=null").model, 32, 2)
     with pytest.raises(GradCamUnavailable, match="patch embedding"):
-        grad_cam(model, torch.zeros(1, 3, 32, 32), target=1)
+        grad_cam(model, BINARY, torch.zeros(1, 3, 32, 32), target=1)
 
 
 def test_trainable_stages_unfreeze_the_last_stages_only(make_cfg):

@@ -6,6 +6,12 @@ Real files throughout: small JPEGs and PNGs written with PIL, decoded by a forke
 import json
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +20,7 @@ from PIL import Image
 
 from cxr import arrays
 from cxr.decoding import decode_image, load_split
+from tests.conftest import REPO
 
 SIZE = 32
 
@@ -132,3 +139,111 @@ def test_a_split_of_unreadable_files_only_is_cached_empty(tmp_path):
         split = load_split(items, SIZE, tmp_path / "cache", 0, "test")
         assert len(split) == 0 and split.images.shape == (0, 1, SIZE, SIZE)
         assert list(split.skipped) == [path for path, _ in items] and split.labels.dtype == torch.int64
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 9: a full disk, stale temporary files, workers of a killed process
+
+def in_subprocess(code: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk (mounting needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MiB tmpfs (a real full disk) needs root")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+LOAD_SPLIT = """
+import sys
+from pathlib import Path
+from cxr.data import DataError
+from cxr.decoding import load_split
+items = [(path, 0) for path in sys.argv[2:]]
+try:
+    split = load_split(items, 128, Path(sys.argv[1]), 2, "train")
+except DataError as error:
+    print(f"DataError: {error}")
+    sys.exit(1)
+print(len(split))
+"""
+
+
+def test_item9_a_full_disk_is_one_line_naming_the_folder_and_bytes_and_leaves_no_file(tmp_path, small_disk):
+    """96 decoded images of 128 x 128 need 1,572,864 bytes (and a .npy header) on a 1 MiB disk."""
+    image = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300), np.uint8)).save(image)
+    paths = []
+    for i in range(96):
+        paths.append(str(tmp_path / f"{i:03d}.png"))
+        os.link(image, paths[-1])
+    done = in_subprocess(LOAD_SPLIT, str(small_disk), *paths)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])  # not -7: SIGBUS writing the map
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("DataError")]
+    assert str(small_disk) in line and f"{96 * 128 * 128 + 128:,} bytes" in line, line
+    assert cache_files(small_disk) == []  # no partial .npy, no .tmp
+
+
+def test_item9_stale_temporary_files_of_dead_writers_are_removed(items, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # a writer that is gone: its pid is not alive
+    host = socket.gethostname()
+    dead = cache / f".{'ab' * 16}.npy.{host}-{finished.pid}.tmp"
+    alive = cache / f".{'cd' * 16}.npy.{host}-{os.getpid()}.tmp"  # a writer still at work
+    elsewhere = cache / f".{'ef' * 16}.npy.other-host-{finished.pid}.tmp"  # another host's, on a shared disk
+    for path in (dead, alive, elsewhere):
+        path.write_bytes(b"\0" * 1000)
+    load_split(items, SIZE, cache, workers=0, desc="t")
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
+
+
+DECODE_THEN_DIE = """
+import os, signal, sys
+from pathlib import Path
+from cxr.decoding import decoded_images
+for image in decoded_images(sys.argv[1:], 64, 2, "t"):
+    children = {int(pid) for task in Path("/proc/self/task").iterdir()
+                for pid in (task / "children").read_text().split()}
+    print(" ".join(map(str, sorted(children))), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the worker pids from /proc")
+def test_item9_decode_workers_end_when_their_parent_is_killed(tmp_path):
+    image = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1500, 1500), np.uint8)).save(image)
+    log = tmp_path / "log"
+    with open(log, "w") as out:  # a file: orphans holding a pipe would keep its reader waiting
+        dying = subprocess.Popen([sys.executable, "-c", DECODE_THEN_DIE, *[str(image)] * 200], cwd=REPO,
+                                 stdout=out, stderr=subprocess.STDOUT)
+        assert dying.wait(timeout=300) == -signal.SIGKILL, log.read_text()[-2000:]
+    workers = [int(pid) for pid in log.read_text().split()]
+    assert len(workers) == 2, log.read_text()
+    deadline = time.monotonic() + 20
+    while any(process_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = [pid for pid in workers if process_alive(pid)]
+    for pid in orphans:  # started by this test: ended here whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert orphans == []

@@ -67,3 +67,34 @@ def test_imagenet_weights_offline_say_where_torch_looks(make_cfg, tmp_path, monk
     cfg.model.weights = "imagenet"
     with pytest.raises(WeightsError, match=r"checkpoints.*model.weights=null"):
         build_model(cfg.model, 64, num_classes=2)
+
+
+@pytest.mark.slow
+def test_item1_frozen_stages_keep_their_batchnorm_statistics(make_cfg, tmp_path):
+    """model.trainable_stages=1: a real run trains layer4 (and what follows) only. The BatchNorm
+    running statistics of the stem and layer1-3 in best.pt are those of a freshly built model of
+    the same seed, bit for bit (they run in eval mode, as Keras' trainable=False BatchNorm does);
+    layer4's moved."""
+    from cxr.train import run
+
+    cfg = make_cfg("debug=smoke", "model.trainable_stages=1", "trainer.epochs=1", "trainer.bootstrap=0",
+                   "trainer.tensorboard_images=false")
+    run(cfg, tmp_path)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    fresh = build_model(cfg.model, cfg.data.image_size, num_classes=2, init_seed=cfg.seed).state_dict()
+    statistics = [key for key in fresh if key.rpartition(".")[2] in ("running_mean", "running_var",
+                                                                      "num_batches_tracked")]
+    frozen = [key for key in statistics if not key.startswith("backbone.layer4.")]
+    assert len(frozen) == 3 * (1 + 3 * 3 + 4 * 3 + 6 * 3 + 3)  # the stem, layer1-3's blocks and downsamples
+    moved = [key for key in frozen if not torch.equal(best[key], fresh[key])]
+    assert moved == []
+    assert not torch.equal(best["backbone.layer4.0.bn1.running_mean"], fresh["backbone.layer4.0.bn1.running_mean"])
+
+
+def test_item1_train_mode_leaves_frozen_parts_in_eval(make_cfg):
+    cfg = make_cfg("model.freeze_backbone=false", "model.trainable_stages=2", "data.image_size=32")
+    model = build_model(cfg.model, 32, num_classes=2).train()
+    frozen = [model.backbone.bn1, model.backbone.layer1, model.backbone.layer2]
+    assert not any(module.training for part in frozen for module in part.modules())
+    assert all(module.training for part in (model.backbone.layer3, model.head) for module in part.modules())
+    assert not any(module.training for module in model.eval().modules())

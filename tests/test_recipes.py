@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from cxr.batches import AUGMENT, Augment, Strength
+from cxr.batches import Augment, Strength
 from cxr.checkpoint import load_checkpoint, load_classifier
 from cxr.engine import train_one_epoch
 from cxr.model import build_model, weights_digest
@@ -22,6 +22,8 @@ from cxr.train import run
 RECIPE = ("debug=smoke", "model=resnet18", "model.weights=null", "data.augment=light",
           "scheduler=cosine", "scheduler.warmup_steps=3", "trainer.epochs=3", "trainer.deterministic=true",
           "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+# the light preset on a CPU, from a fixed seed
+AUGMENT_LIGHT = Augment("light", hflip=False, seed=0, device=torch.device("cpu"))
 # lr / 1e-4 at steps 1..12: warmup 1/4, 2/4, 3/4, then 0.5 (1 + cos(pi k / 9)) for k = 0..8
 FACTORS = (0.25, 0.5, 0.75, 1.0, 0.9698463, 0.8830222, 0.75, 0.5868241, 0.4131759, 0.25, 0.1169778,
            0.0301537)
@@ -147,7 +149,45 @@ def test_augmentation_is_deterministic_under_its_seed():
     assert torch.equal(first, Augment("strong", False, seed=3, device=cpu)(images))
     assert not torch.equal(first, Augment("strong", False, seed=4, device=cpu)(images))
     assert first.shape == images.shape and first.min() >= 0 and first.max() <= 255
-    assert AUGMENT["light"].shift == 0.06 and AUGMENT["light"].scale == 0.08  # cxr's former shift/zoom
+
+
+def spot_centres(images: torch.Tensor) -> torch.Tensor:
+    """The (x, y) centre of the bright spot in each half (left, right) of each image: (B, 2, 2)."""
+    rows, columns = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    centres = []
+    for half in (slice(0, 32), slice(32, 64)):
+        part = images[:, 0, :, half]
+        low, high = part.amin(dim=(1, 2), keepdim=True), part.amax(dim=(1, 2), keepdim=True)
+        weight = (part - (low + high) / 2).clamp(min=0)  # the spot's upper half: intensity changes cancel
+        total = weight.sum(dim=(1, 2))
+        centres.append(torch.stack([(weight * columns[:, half]).sum(dim=(1, 2)) / total,
+                                    (weight * rows[:, half]).sum(dim=(1, 2)) / total], dim=1))
+    return torch.stack(centres, dim=1)
+
+
+def test_light_augmentation_shifts_zooms_and_rotates_within_its_ranges():
+    """Two bright spots on a horizontal line through the centre of a 64 px image, augmented 512
+    times with the light preset, and the affine transform measured back from where the spots
+    went: zoom from their distance, rotation from their direction, shift from their midpoint. The
+    image samples its source at zoom x R(angle) x (its coordinates) + shift, so each draw must
+    have a zoom in 1 +- 0.08, an angle within +-5 degrees and a shift within +-6% of the side
+    (3.84 px) per axis (the strong preset's are 0.15, 10 and 10%); over 512 draws each range is
+    nearly filled."""
+    rows, columns = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    spot = lambda x: torch.exp(-((columns - x) ** 2 + (rows - 31.5) ** 2) / 8)  # noqa: E731
+    image = 40 + 200 * (spot(15.5) + spot(47.5))
+    before = spot_centres(image[None, None])[0]
+    after = spot_centres(AUGMENT_LIGHT(image.expand(512, 1, 64, 64).clone()))
+    between = after[:, 1] - after[:, 0]
+    zoom = (before[1] - before[0]).norm() / between.norm(dim=1)
+    angle = -torch.atan2(between[:, 1], between[:, 0])
+    rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()], 1), torch.stack([angle.sin(), angle.cos()], 1)], 1)
+    # the source's centre shows at the midpoint: 0 = zoom x R x midpoint + shift
+    shift = -zoom[:, None] * (rotation @ (after.mean(dim=1) - 31.5)[:, :, None])[:, :, 0]
+    # (what is measured, its bound, the measurement's error: spot centres are good to ~0.2 px)
+    for measured, bound, error in ((zoom - 1, 0.08, 0.01), (angle.rad2deg(), 5.0, 0.5), (shift, 3.84, 0.3)):
+        extreme = measured.abs().amax(dim=0)
+        assert (extreme <= bound + error).all() and (extreme > 0.9 * bound - error).all(), (extreme, bound)
 
 
 def test_horizontal_flip_mirrors_and_only_when_asked():

@@ -245,3 +245,95 @@ def test_official_val_split_uses_the_val_folder(make_cfg, tmp_path, embedded_roo
     official_val = sum(1 for _ in (embedded_root / "val").rglob("*.jpeg"))
     official_train = sum(1 for _ in (embedded_root / "train").rglob("*.jpeg"))
     assert (result["data"]["val"], result["data"]["train"]) == (official_val, official_train)
+
+
+@pytest.mark.slow
+def test_item2_a_sweep_rerun_after_a_config_edit_is_refused_then_rerun_when_asked(tmp_path):
+    """The experiment file's lr is edited between two runs into one hydra.sweep.dir: the job's
+    folder name stays the same, so before the fix its old result was skipped over as current."""
+    experiments = tmp_path / "conf" / "experiment"
+    experiments.mkdir(parents=True)
+    edited = experiments / "edited.yaml"
+    edited.write_text("# @package _global_\noptimizer:\n  lr: 1.0e-4\n")
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "cxr.train", "-m", "experiment=edited", "debug=smoke", "trainer.epochs=1",
+               "trainer.bootstrap=0", "trainer.tensorboard_images=false", f"hydra.sweep.dir={sweep}",
+               f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
+
+    def sweep_run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *extra], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=ONE_THREAD, timeout=600)
+
+    first = sweep_run()
+    assert first.returncode == 0, first.stdout[-3000:]
+    (job,) = [path for path in sweep.iterdir() if path.is_dir()]
+    assert read_result(job)["optimizer"]["lr"] == 1e-4
+    run_files = lambda: {path.name: stamp(path) for path in job.iterdir()  # noqa: E731
+                         if path.is_file() and path.suffix != ".log"}  # Hydra appends each launch's log
+    before = run_files()
+
+    edited.write_text("# @package _global_\noptimizer:\n  lr: 2.0e-4\n")
+    refused = sweep_run()
+    assert refused.returncode == 1 and "Traceback" not in refused.stdout, refused.stdout[-3000:]
+    (line,) = [line for line in refused.stdout.splitlines() if "trainer.rerun_changed=true" in line]
+    assert "optimizer.lr" in line and str(job) in line and "skipping" not in refused.stdout
+    assert run_files() == before
+
+    rerun = sweep_run("trainer.rerun_changed=true")
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert [path for path in sweep.iterdir() if path.is_dir()] == [job]  # the same job folder
+    result = read_result(job)
+    assert result["status"] == "ok" and result["optimizer"]["lr"] == 2e-4
+    assert result["fingerprint"]["optimizer.lr"] == 2e-4
+    assert stamp(job / "best.pt") != before["best.pt"]
+    assert "skipping" in sweep_run("trainer.rerun_changed=true").stdout  # now current: skipped
+
+
+def write_csv_dataset(folder, embedded_root) -> None:
+    """12 train and 4 test images of each class, copied from the embedded dataset, listed in
+    folder/labels.csv (paths relative to the CSV's folder)."""
+    (folder / "img").mkdir(parents=True)
+    rows = ["Path,Label,Split"]
+    for split, count in (("train", 12), ("test", 4)):
+        for label in ("NORMAL", "PNEUMONIA"):
+            for source in sorted((embedded_root / split / label).iterdir())[:count]:
+                (folder / "img" / source.name).write_bytes(source.read_bytes())
+                rows.append(f"img/{source.name},{label},{split}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.slow
+def test_item6_a_resume_checks_the_images_and_labels_not_where_they_are(make_cfg, tmp_path, embedded_root):
+    data, moved, run_dir = tmp_path / "data", tmp_path / "moved", tmp_path / "run"
+    write_csv_dataset(data, embedded_root)
+    args = ("debug=smoke", "data=csv", "data.split_column=Split", "model.weights=null", "trainer.keep_last=true",
+            "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    run(make_cfg(*args, f"data.csv={data / 'labels.csv'}", "trainer.epochs=1"), run_dir)
+
+    data.rename(moved)  # the same images and labels elsewhere: resumed (extended by an epoch)
+    resumed = make_cfg(*args, f"data.csv={moved / 'labels.csv'}", "trainer.epochs=2", "trainer.resume=true")
+    run(resumed, run_dir)
+    assert [row["epoch"] for row in read_result(run_dir)["history"]] == [1, 2]
+
+    table = moved / "labels.csv"
+    original = table.read_text()
+    extra = sorted((embedded_root / "train" / "NORMAL").iterdir())[20]
+    (moved / "img" / extra.name).write_bytes(extra.read_bytes())
+    lines = original.splitlines()
+    relabelled = next(i for i, line in enumerate(lines) if line.endswith(",NORMAL,test"))
+    changes = {"an added image": original + f"img/{extra.name},NORMAL,train\n",
+               "a removed image": "\n".join(lines[:1] + lines[2:]) + "\n",
+               "a changed label": "\n".join(line.replace(",NORMAL,", ",PNEUMONIA,") if i == relabelled else line
+                                            for i, line in enumerate(lines)) + "\n"}
+    before = {path.name: stamp(path) for path in run_dir.iterdir() if path.is_file()}
+    for change, text in changes.items():
+        table.write_text(text)
+        with pytest.raises(CheckpointError) as refused:
+            run(make_cfg(*args, f"data.csv={table}", "trainer.epochs=3", "trainer.resume=true"), run_dir)
+        message = str(refused.value)
+        assert "\n" not in message and "other images or labels" in message and str(run_dir) in message, change
+        assert ("test" if change == "a changed label" else "train") in message, change
+        assert {path.name: stamp(path) for path in run_dir.iterdir() if path.is_file()} == before, change
+    table.write_text(original)  # as it was: resumable again
+    run(make_cfg(*args, f"data.csv={table}", "trainer.epochs=3", "trainer.resume=true"), run_dir)
+    assert [row["epoch"] for row in read_result(run_dir)["history"]] == [1, 2, 3]

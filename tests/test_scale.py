@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from cxr.checkpoint import load_classifier
 from cxr.config import CONF_DIR
 from cxr.predict import classify
 from cxr.runtime import slot_device
+from tests.conftest import REPO
 
 # the smoke run without what scaling out does not touch (bootstrap intervals, TensorBoard figures)
 SMOKE = ("debug=smoke", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
@@ -90,7 +92,30 @@ def test_launcher_presets_compose():
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")
     assert slurm.hydra.launcher.gpus_per_node == 1
     assert slurm.hydra.launcher.max_num_timeout > 0  # else a timed-out job is not requeued
-    assert per_gpu.hydra.launcher.n_jobs == max(1, torch.cuda.device_count())
+    assert per_gpu.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+def per_gpu_jobs(jobs_per_gpu: int, visible: str | None) -> int:
+    """hydra/launcher=per_gpu's n_jobs as `python -m cxr.train --cfg all --resolve` prints it,
+    with CUDA_VISIBLE_DEVICES=`visible` (None: as this machine has it)."""
+    env = {**subprocess_env(), **({"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {})}
+    done = subprocess.run([sys.executable, "-m", "cxr.train", "hydra/launcher=per_gpu", f"jobs_per_gpu={jobs_per_gpu}",
+                           "--cfg", "all", "--resolve"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(re.search(r"^\s+n_jobs: (\d+)$", done.stdout, flags=re.M).group(1))
+
+
+def test_per_gpu_runs_jobs_per_gpu_jobs_on_each_gpu_or_on_the_cpu():
+    """n_jobs: jobs_per_gpu side by side on the CPU when no GPU is visible, and on each GPU
+    nvidia-smi lists (where there is one) when they are."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    assert per_gpu_jobs(3, visible="") == 3
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout if shutil.which(
+        "nvidia-smi") else ""
+    gpus = len([line for line in listed.splitlines() if line.startswith("GPU ")])
+    if gpus > 1:
+        assert per_gpu_jobs(2, visible=None) == 2 * gpus
 
 
 def test_defect3_packed_sweep_on_an_empty_cache_loses_no_job(tmp_path):

@@ -7,6 +7,7 @@ reports are read back from the files in the sweep dir.
 import csv
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -223,3 +224,31 @@ def test_seeds_crossed_with_variants_give_seven_rows_of_two(tmp_path):
     assert [row["Model"] for row in variants] == list(SEED_TABLE)
     assert [row["n"] for row in variants] == ["2"] * 7
     assert len(jobs) == 14 and len(read_csv(tmp_path / "results.csv")) == 14
+
+
+@pytest.mark.slow
+def test_item13_a_sweep_logged_to_a_file_is_plain_lines_without_false_warnings(tmp_path, embedded_root):
+    """A fresh multirun whose output is not a terminal (as `make sweep > log`): on an empty cache
+    (decoding runs) with progress bars asked for, stdout and stderr hold no carriage return (tqdm's
+    bar redraws) and no warning about a missing last.pt (a fresh job folder holds no run), and
+    each job logs one line per epoch and one per decoded split."""
+    root = tmp_path / "data"
+    for split, count in (("train", 40), ("test", 8)):
+        for label in ("NORMAL", "PNEUMONIA"):
+            (root / split / label).mkdir(parents=True)
+            for source in sorted((embedded_root / split / label).iterdir())[:count]:
+                (root / split / label / source.name).write_bytes(source.read_bytes())
+    done = subprocess.run(
+        [sys.executable, "-m", "cxr.train", "-m", "model.dense=4,8", "debug=smoke", "data=chest_xray",
+         f"data.root={root}", "model.weights=null", "trainer.progress=true", "trainer.bootstrap=0",
+         "trainer.tensorboard_images=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=1800,
+        env={**os.environ, "CXR_CACHE_DIR": str(tmp_path / "cache")})
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "\r" not in output, output[-3000:]
+    assert "last.pt" not in output, output[-3000:]
+    assert len(re.findall(r"epoch 1/2 .* epoch 2/2", output, flags=re.S)) >= 1
+    assert len(re.findall(r"\] - epoch [12]/2 ", output)) == 4  # two epochs of two jobs
+    # each split once: the second job reads the cache
+    assert sorted(re.findall(r"decoded \d+ images of (\w+)", output)) == ["test", "train", "val"]

@@ -5,9 +5,21 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cxr import aggregate, results
@@ -26,7 +38,9 @@ def smoke_run(tmp_path_factory, make_cfg):
 
 
 def test_result_json_follows_the_contract(smoke_run):
-    out, returned = smoke_run
+    """The config summary as composed, and every test number recomputed by scikit-learn from
+    test_predictions.csv, whose rows are checked against the dataset folder on disk."""
+    out, _ = smoke_run
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "ok" and result["error"] is None
     assert result["overrides"] == ["debug=smoke"]
@@ -37,19 +51,41 @@ def test_result_json_follows_the_contract(smoke_run):
                                    "betas": [0.9, 0.999], "backbone_lr_scale": 1.0}
     assert result["scheduler"] == {"name": "none", "warmup_steps": 0, "min_lr_scale": 0.0, "step_epochs": 10,
                                    "gamma": 0.1}
-    assert result["stopped_epoch"] is None
-    assert result["data"]["name"] == "synthetic" and result["data"]["image_size"] == 32
-    assert result["data"]["skipped_files"] == 0
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/auroc", "test/loss", "test/acc",
-                "test/auroc", "test/sensitivity", "test/specificity"):
-        assert isinstance(result["metrics"][key], float), key
-    assert 0 <= result["metrics"]["test/acc"] <= 1
-    assert result["epochs"] == 2 and result["best_epoch"] in (1, 2)
+    assert result["stopped_epoch"] is None and result["epochs"] == 2 and len(result["history"]) == 2
     assert result["time"]["train_ms"] > 0 and result["time"]["total_ms"] >= result["time"]["train_ms"]
-    assert result["device"].startswith("cpu")
-    assert "gpu_memory_mb" in result and result["gpu_memory_mb"] is None  # CUDA only
-    assert len(result["history"]) == 2
-    assert result["metrics"]["test/acc"] == returned["metrics"]["test/acc"]
+    assert result["device"].startswith("cpu") and result["gpu_memory_mb"] is None  # CUDA only
+    check_counts_against_the_folder(result, read_csv(out / "test_predictions.csv"))
+    check_test_metrics_against_sklearn(result, read_csv(out / "test_predictions.csv"))
+
+
+def check_counts_against_the_folder(result: dict, rows: list[dict]) -> None:
+    """debug=smoke keeps at most 64 images per split: train/ holds 720 (train and validation are
+    carved from it), test/ 240, all readable. Every test row is a file of test/<its truth>/."""
+    data, root = result["data"], Path(result["data"]["root"])
+    on_disk = {split: sorted(root.glob(f"{split}/*/*.jpeg")) for split in ("train", "test")}
+    assert data["name"] == "synthetic" and data["image_size"] == 32 and data["skipped_files"] == 0
+    assert len(on_disk["train"]) == 720 and len(on_disk["test"]) == 240
+    assert data["train"] == data["val"] == data["test"] == 64 == len(rows)
+    test_files = {str(path): path.parent.name for path in on_disk["test"]}
+    assert all(test_files[row["path"]] == row["truth"] for row in rows)
+    assert len({row["path"] for row in rows}) == 64
+
+
+def check_test_metrics_against_sklearn(result: dict, rows: list[dict]) -> None:
+    truth = np.array([row["truth"] == "PNEUMONIA" for row in rows])
+    p = np.array([float(row["prob_PNEUMONIA"]) for row in rows])
+    called = np.array([row["label"] == "PNEUMONIA" for row in rows])
+    assert np.array_equal(called, p >= result["threshold"])  # the validation's threshold, applied
+    expected = {"test/acc": accuracy_score(truth, called), "test/balanced_acc": balanced_accuracy_score(truth, called),
+                "test/auroc": roc_auc_score(truth, p), "test/sensitivity": recall_score(truth, called),
+                "test/specificity": recall_score(~truth, ~called), "test/f1": f1_score(truth, called),
+                "test/precision": precision_score(truth, called, zero_division=np.nan),
+                "test/loss": log_loss(truth, p, labels=[False, True]),
+                "test/acc_at_0.5": accuracy_score(truth, p >= 0.5)}
+    for key, value in expected.items():
+        assert result["metrics"][key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+    assert result["confusion"] == confusion_matrix(truth, called).tolist()
+    assert result["majority_rate"] == max(truth.mean(), 1 - truth.mean())
 
 
 def test_tensorboard_has_every_epoch_and_test_once(smoke_run):
@@ -124,6 +160,21 @@ def test_real_images_from_scratch_at_64px(shared_data, make_cfg, tmp_path):
                    "data.image_size=64", "trainer.epochs=4", "optimizer.lr=1e-4", "trainer.progress=false")
     result = run(cfg, tmp_path)
     assert result["metrics"]["test/auroc"] >= 0.85
+
+
+def test_without_the_real_radiographs_ci_fails_where_a_developer_skips(tmp_path):
+    """A test of the real images (the `shared_data` fixture) with CXR_SHARED_DATA unset: skipped
+    on a developer's machine, failed under CI=true (so CI cannot pass without those tests)."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("from tests.conftest import shared_data  # noqa: F401\n\n\n"
+                     "def test_probe(shared_data):\n    pass\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("CXR_SHARED_DATA", "CI")}
+    for ci, exit_code, outcome in (("true", 1, "1 error"), ("", 0, "1 skipped")):
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(probe)],
+                              cwd=tmp_path, env={**env, "CI": ci, "PYTHONPATH": str(REPO)}, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == exit_code and outcome in done.stdout, done.stdout[-2000:]
+        assert ("CI=true: the real-radiograph tests must run" in done.stdout) == (ci == "true")
 
 
 def same(found, value) -> bool:

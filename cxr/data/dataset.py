@@ -5,7 +5,10 @@
 into a cached uint8 array; cxr.batches then serves batches of it on the training device.
 """
 
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,19 @@ class Dataset:
     def skipped(self) -> dict[str, str]:
         """Every split's unreadable files, each with the reason it was skipped."""
         return {**self.train.skipped, **self.val.skipped, **self.test.skipped}
+
+    def index(self) -> dict[str, dict]:
+        """Per split, its image count and a sha256 of its files (paths relative to `root`, so a
+        moved dataset folder still matches), labels and skipped files: what a resumed run checks
+        it trains and tests on (cxr.checkpoint)."""
+        index = {}
+        for name in ("train", "val", "test"):
+            split = getattr(self, name)
+            listing = [[os.path.relpath(path, self.root) for path in split.paths], split.labels.tolist(),
+                       sorted(os.path.relpath(path, self.root) for path in split.skipped)]
+            digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+            index[name] = {"images": len(split), "sha256": digest}
+        return index
 
 
 def label_counts(split: Split, findings: list[str]) -> dict[str, dict[str, int]]:

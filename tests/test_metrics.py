@@ -22,7 +22,7 @@ from cxr.batches import eval_batches, preprocess
 from cxr.checkpoint import load_classifier
 from cxr.data import load_dataset
 from cxr.engine import evaluate
-from cxr.metrics import bootstrap_intervals
+from cxr.metrics import percentile_intervals, resample_indices
 from cxr.task import Task
 
 # ten images, 0 = NORMAL, 1 = PNEUMONIA, and P(PNEUMONIA)
@@ -182,8 +182,7 @@ def test_bootstrap_interval_is_the_95_percent_one_of_a_known_distribution():
     from scipy.stats import binom
 
     values = np.repeat([1.0, 0.0], [160, 240])
-    intervals = bootstrap_intervals(lambda idx: {"mean": values[idx].mean()}, [np.arange(400)], resamples=4000,
-                                    seed=0)
+    intervals = percentile_intervals({"mean": values[resample_indices([np.arange(400)], 4000, seed=0)].mean(axis=1)})
     exact = binom.ppf([0.025, 0.975], 400, 0.4) / 400
     assert intervals["mean"] == pytest.approx(exact, abs=0.004)
     assert binom.ppf([0.05, 0.95], 400, 0.4) / 400 == pytest.approx(exact + [0.0075, -0.0075], abs=0.0026)

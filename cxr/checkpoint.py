@@ -18,7 +18,7 @@ atomically and read with `weights_only=True`: only tensors and plain containers,
 
 import hashlib
 import logging
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from cxr.batches import MEAN, STD
 from cxr.config import keys_with
 from cxr.engine import TrainingState
 from cxr.files import atomic_write
-from cxr.model import Classifier, build_model, weights_digest
+from cxr.model import Classifier, build_model
 from cxr.pixels import DEFAULT_WINDOW
 from cxr.runtime import Runtime, rng_state, set_rng_state
 from cxr.task import Task
@@ -90,9 +90,10 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 
 def trained_state(model: Classifier, frozen: bool) -> dict:
-    """The weights a checkpoint holds: all of them, or all but the frozen backbone's."""
-    state = model.state_dict()
-    return {k: v for k, v in state.items() if not (frozen and k.startswith("backbone."))}
+    """The weights a checkpoint holds: all of them, or all but the frozen backbone's (whose
+    hundreds of tensors are not even listed: last.pt is written every epoch)."""
+    return {f"{name}.{key}": value for name, part in model.named_children() if not (frozen and name == "backbone")
+            for key, value in part.state_dict().items()}
 
 
 class Checkpoints:
@@ -114,7 +115,7 @@ class Checkpoints:
         self.config = OmegaConf.to_container(cfg, resolve=True)
         # the frozen backbone, by reference: rebuilt from its settings and checked by its digest
         self.backbone = ({"name": cfg.model.backbone, "weights": cfg.model.weights, "init_seed": cfg.seed,
-                          "digest": weights_digest(model.backbone)} if self.frozen else None)
+                          "digest": model.frozen_digest} if self.frozen else None)
 
     def save_last(self, state: TrainingState) -> None:
         rngs = self.runtime.gather(rng_state(self.runtime.device))
@@ -124,7 +125,9 @@ class Checkpoints:
         save_checkpoint({"model": trained_state(self.model, self.frozen), "backbone": self.backbone,
                          "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else None,
-                         **asdict(state), "rng": rngs, "num_threads": torch.get_num_threads(),
+                         # the fields as they are (asdict would deep-copy the growing history)
+                         **{f.name: getattr(state, f.name) for f in fields(state)}, "rng": rngs,
+                         "num_threads": torch.get_num_threads(),
                          "fingerprint": self.fingerprint, "data_index": self.data_index,
                          "config": self.config}, self.last_path)
 
@@ -217,7 +220,7 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[Classifier,
     task = Task.from_state(state["task"])
     model = build_model(model_cfg, state["image_size"], task.outputs,
                         init_seed=backbone["init_seed"] if backbone else 0)
-    if backbone and weights_digest(model.backbone) != backbone["digest"]:
+    if backbone and model.frozen_digest != backbone["digest"]:
         raise CheckpointError(f"{path}: the backbone rebuilt from model.weights={weights} is not the "
                               "one this head was trained on (other weights file or torch version)")
     model.load_state_dict(state["model"], strict=backbone is None)

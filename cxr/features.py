@@ -35,7 +35,7 @@ from cxr.batches import MEAN, STD, Augment, eval_batches, preprocess, train_batc
 from cxr.decoding import Split, cache_key
 from cxr.engine import autocast
 from cxr.files import exclusive
-from cxr.model import Classifier, weights_digest
+from cxr.model import Classifier
 from cxr.placement import place
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ def training_view(model: Classifier, splits: Sequence[Split], cfg, device: torch
         channels_last = cfg.trainer.channels_last
         return TrainingView(model, *place(splits, device, cfg),
                             prepare=lambda x, augment: preprocess(x, channels_last, augment))
-    return feature_view(model, cached_features(model.backbone, splits, cfg, device, amp_dtype), cfg, device)
+    return feature_view(model, cached_features(model.backbone, model.frozen_digest, splits, cfg, device, amp_dtype),
+                        cfg, device)
 
 
 def feature_view(model: Classifier, features: Sequence[Split], cfg, device: torch.device) -> TrainingView:
@@ -127,7 +128,7 @@ def extract(backbone: nn.Module, split: Split, batch_size: int, device: torch.de
     return torch.cat(list(feature_batches(backbone, split, batch_size, device, amp_dtype, channels_last)))
 
 
-def cached_features(backbone: nn.Module, splits: Sequence[Split], cfg, device: torch.device,
+def cached_features(backbone: nn.Module, digest: str, splits: Sequence[Split], cfg, device: torch.device,
                     amp_dtype: torch.dtype | None) -> list[Split]:
     """Each image split as a split of its backbone features: float16 (N, F), mapped from the cache
     file, computed (on `device`) and cached first where the file is missing or damaged."""
@@ -137,13 +138,12 @@ def cached_features(backbone: nn.Module, splits: Sequence[Split], cfg, device: t
     backbone.eval()  # for the whole run: BatchNorm as the features were made, in Grad-CAM too
     folder = Path(cfg.data.cache_dir).expanduser() / "features"
     folder.mkdir(parents=True, exist_ok=True)
-    weights = weights_digest(backbone)
     batch_size = cfg.trainer.eval_batch_size
     if device.type == "cpu":
         batch_size = max(1, min(batch_size, CPU_BATCH_PIXELS // cfg.data.image_size ** 2))
     out = []
     for split in splits:
-        key = feature_key(split, cfg.data.image_size, cfg.data.window, weights, cfg.model.pooling, amp_dtype)
+        key = feature_key(split, cfg.data.image_size, cfg.data.window, digest, cfg.model.pooling, amp_dtype)
         features = load_features(folder / f"{key}.npy", len(split), lambda split=split: feature_batches(
             backbone, split, batch_size, device, amp_dtype, cfg.trainer.channels_last))
         out.append(Split(torch.from_numpy(features), split.labels, split.paths, split.skipped,

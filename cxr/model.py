@@ -121,8 +121,10 @@ class Classifier(nn.Module):
     """`backbone` maps images to a feature vector, `feature_norm` scales it, `head` gives logits.
 
     Kept as parts so the frozen-backbone path can cache backbone features and train
-    `feature_norm` + `head` alone, and so Grad-CAM can hook the backbone's stages. `family` names
-    the backbone's entry in FAMILIES (a plain attribute: not part of the weights).
+    `feature_norm` + `head` alone, and so Grad-CAM can hook the backbone's stages. Plain attributes
+    (not part of the weights): `family` names the backbone's entry in FAMILIES; `frozen_digest` is
+    a frozen backbone's `weights_digest`, taken once when it is built (it never changes: the
+    feature cache's key and the checkpoints' reference to the backbone both read it), else None.
     """
 
     def __init__(self, backbone: nn.Module, feature_norm: FeatureNorm, head: nn.Module,
@@ -132,6 +134,7 @@ class Classifier(nn.Module):
         self.feature_norm = feature_norm
         self.head = head
         self.family = family
+        self.frozen_digest: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.feature_norm(self.backbone(x)))
@@ -278,6 +281,7 @@ def build_model(model_cfg, image_size: int, num_classes: int, init_seed: int = 0
     model = Classifier(backbone, FeatureNorm(features), head, BACKBONES[model_cfg.backbone])
     if model_cfg.freeze_backbone:
         backbone.requires_grad_(False)
+        model.frozen_digest = weights_digest(backbone)
     elif model_cfg.trainable_stages is not None:
         train_last_stages(model, model_cfg.trainable_stages)
     return model

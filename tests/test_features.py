@@ -140,7 +140,7 @@ def test_the_head_trains_on_one_cpu_thread_and_the_process_keeps_its_own(frozen_
 def train_feature_file(cfg) -> Path:
     """The cache file of the training split's features, found by its key as cxr.features makes it."""
     train = load_dataset(cfg.data).train
-    backbone = build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed).backbone
+    model = build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed)
     key = features.feature_key(train, cfg.data.image_size, cfg.data.window, weights_digest(backbone),
                                cfg.model.pooling, None)
     return Path(cfg.data.cache_dir) / "features" / f"{key}.npy"
@@ -188,12 +188,12 @@ register_configs()
 with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
     cfg = compose("train", sys.argv[2:])
 train = load_dataset(cfg.data).train
-backbone = build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed).backbone
+model = build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed)
 go = Path(sys.argv[1])
 (go.parent / f"ready-{os.getpid()}").touch()
 while not go.exists():
     time.sleep(0.005)
-(features,) = cached_features(backbone, [train], cfg, torch.device("cpu"), None)
+(features,) = cached_features(model.backbone, model.frozen_digest, [train], cfg, torch.device("cpu"), None)
 print("sum of features", features.images.double().sum().item())
 """
 

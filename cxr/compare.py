@@ -137,7 +137,8 @@ def paired_difference(run: RunPredictions, reference: RunPredictions, resamples:
     task, labels = reference.task, reference.labels
     # row 0: the images as they are (the point estimate); then the resamples, the same for both runs
     idx = np.vstack([np.arange(len(labels))[None], metrics.resample_indices(task.strata(labels), resamples, seed)])
-    ours, theirs = (task.resampled_metrics(labels, one.probs, one.threshold, idx) for one in (run, reference))
+    ours, theirs = (task.resampled_metrics(labels, one.probs, one.threshold, idx, with_calibration=False)
+                    for one in (run, reference))
     compared = {}
     for name in ("auroc", "balanced_acc"):
         differences = ours[name] - theirs[name]

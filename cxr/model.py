@@ -9,6 +9,7 @@ between families (where the classifier and the pooling sit, which submodules are
 `model.trainable_stages` unfreezes and Grad-CAM hooks) is stated once, in FAMILIES.
 """
 
+import functools
 import hashlib
 import os
 import re
@@ -270,18 +271,38 @@ def build_head(in_features: int, dense: int, hidden_layers: int, dropout: float,
     return nn.Sequential(*layers)
 
 
-def build_model(model_cfg, image_size: int, num_classes: int, init_seed: int = 0) -> Classifier:
-    """The classifier; a random backbone init is drawn from `init_seed` alone, so that the same
-    backbone can be rebuilt from a checkpoint that stores only the head (frozen backbone)."""
+def seeded_backbone(backbone: str, weights: str | None, pooling: str, image_size: int, init_seed: int) -> nn.Module:
+    """`build_backbone` with a random init drawn from `init_seed` alone, so that the same backbone
+    can be rebuilt from a checkpoint that stores only the head (frozen backbone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        backbone = build_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.pooling, image_size)
+        return build_backbone(backbone, weights, pooling, image_size)
+
+
+@functools.lru_cache(maxsize=1)
+def frozen_backbone(backbone: str, weights: str | None, pooling: str, image_size: int,
+                    init_seed: int) -> tuple[nn.Module, str]:
+    """A frozen backbone and its digest, built once per process for the jobs of a sweep that share
+    it (the basic launcher runs them one after another in one process): nothing ever changes a
+    frozen backbone's weights, and building a ResNet50 and hashing it took a fifth of a job."""
+    net = seeded_backbone(backbone, weights, pooling, image_size, init_seed).requires_grad_(False)
+    return net, weights_digest(net)
+
+
+def build_model(model_cfg, image_size: int, num_classes: int, init_seed: int = 0) -> Classifier:
+    """The classifier. A frozen backbone with ImageNet or random weights is shared by the runs of a
+    process that ask for the same one (`frozen_backbone`); a weights file is read every time."""
+    key = (model_cfg.backbone, model_cfg.weights, model_cfg.pooling, image_size, init_seed)
+    digest = None
+    if model_cfg.freeze_backbone and model_cfg.weights in (None, "imagenet"):
+        backbone, digest = frozen_backbone(*key)
+    else:
+        backbone = seeded_backbone(*key)
     features = feature_count(backbone, image_size)
     head = build_head(features, model_cfg.dense, model_cfg.hidden_layers, model_cfg.dropout, num_classes)
     model = Classifier(backbone, FeatureNorm(features), head, BACKBONES[model_cfg.backbone])
     if model_cfg.freeze_backbone:
-        backbone.requires_grad_(False)
-        model.frozen_digest = weights_digest(backbone)
+        model.frozen_digest = digest or weights_digest(backbone.requires_grad_(False))
     elif model_cfg.trainable_stages is not None:
         train_last_stages(model, model_cfg.trainable_stages)
     return model

@@ -41,7 +41,7 @@ from cxr.files import exclusive
 
 GENERATOR_VERSION = 4  # 4: an image per seed, drawn in parallel, at most DRAWN px high
 NIH_VERSION = 2
-DRAWN = 256  # images are drawn at most this many px high and upscaled: large files cost little to make
+DRAWN = 192  # images are drawn at most this many px high and upscaled: large files cost little to make
 CHUNK = 16  # images per task of a drawing process
 LAYOUTS = ("kaggle", "nih")
 # the nih layout's findings, in the order `Finding Labels` joins them

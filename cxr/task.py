@@ -19,6 +19,7 @@ The numbers themselves are computed in cxr.metrics (scikit-learn); this module p
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -217,26 +218,30 @@ class Task:
         return {**metrics.single_label_metrics(labels, probs, decisions, None),
                 **calibration.multiclass_calibration(labels, probs)}
 
-    def resampled_metrics(self, labels: np.ndarray, probs: np.ndarray, threshold, idx: np.ndarray) -> dict:
-        """Every scalar of `metrics` on every row of resampled indices idx (B, N) at once: arrays
-        (B,), equal to `metrics` on each row (what the bootstrap's intervals and cxr.compare's
-        paired differences score), RESAMPLED_ROWS rows at a time: the (rows, N) arrays stay small
-        on a large test split (NIH's 25,596 images)."""
-        parts = [self._resampled(labels, probs, threshold, idx[start:start + RESAMPLED_ROWS])
+    def resampled_metrics(self, labels: np.ndarray, probs: np.ndarray, threshold, idx: np.ndarray,
+                          with_calibration: bool = True) -> dict:
+        """Every scalar of `metrics` (the calibration ones only `with_calibration`) on every row of
+        resampled indices idx (B, N) at once: arrays (B,), equal to `metrics` on each row (what the
+        bootstrap's intervals and cxr.compare's paired differences score), RESAMPLED_ROWS rows at a
+        time: the (rows, N) arrays stay small on a large test split (NIH's 25,596 images)."""
+        parts = [self._resampled(labels, probs, threshold, idx[start:start + RESAMPLED_ROWS], with_calibration)
                  for start in range(0, len(idx), RESAMPLED_ROWS)]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]} if parts else {}
 
-    def _resampled(self, labels: np.ndarray, probs: np.ndarray, threshold, idx: np.ndarray) -> dict:
+    def _resampled(self, labels: np.ndarray, probs: np.ndarray, threshold, idx: np.ndarray,
+                   with_calibration: bool) -> dict:
         decisions = self.decide(probs, threshold)
         if self.multilabel:
-            return {**metrics.resampled_multilabel(labels, probs, decisions, idx, self.classes),
-                    **calibration.resampled_multilabel(labels, probs, idx, self.classes)}
-        if self.kind == "binary":
-            return {**metrics.resampled_single_label(labels, probs, decisions, idx, self.positive),
-                    **calibration.resampled_binary((labels == self.positive).astype(np.int64),
-                                                   probs[:, self.positive], idx)}
-        return {**metrics.resampled_single_label(labels, probs, decisions, idx, None),
-                **calibration.resampled_multiclass(labels, probs, idx)}
+            scores = metrics.resampled_multilabel(labels, probs, decisions, idx, self.classes)
+            calibrated = partial(calibration.resampled_multilabel, labels, probs, idx, self.classes)
+        elif self.kind == "binary":
+            scores = metrics.resampled_single_label(labels, probs, decisions, idx, self.positive)
+            calibrated = partial(calibration.resampled_binary, (labels == self.positive).astype(np.int64),
+                                 probs[:, self.positive], idx)
+        else:
+            scores = metrics.resampled_single_label(labels, probs, decisions, idx, None)
+            calibrated = partial(calibration.resampled_multiclass, labels, probs, idx)
+        return {**scores, **calibrated()} if with_calibration else scores
 
     def confusion(self, labels: np.ndarray, probs: np.ndarray, threshold) -> list:
         """Rows: true class, columns: decision; multi-label: one [[tn, fp], [fn, tp]] per finding."""

@@ -147,20 +147,16 @@ class RunBoard:
         if self.writer is None:
             return
         rows, classes = task.explained_rows(labels, per_class), task.classes
+        try:
+            cams = row_cams(model, task, images, rows)
+        except GradCamUnavailable as reason:
+            log.info("no test/gradcam figure: %s", reason)
+            return
         fig, axes = plt.subplots(len(rows), per_class, squeeze=False, figsize=(2.2 * per_class, 2.4 * len(rows)))
         for ax in axes.flat:
             ax.axis("off")
-        for row, indices, target in rows:
-            if len(indices) == 0:  # a finding without positive test images: its row stays empty
-                continue
-            try:
-                inputs = images[indices].to(next(model.parameters()).device)
-                cams, _ = grad_cam(model, task, preprocess(inputs, channels_last=False), target)
-            except GradCamUnavailable as reason:
-                log.info("no test/gradcam figure: %s", reason)
-                plt.close(fig)
-                return
-            for col, (i, cam) in enumerate(zip(indices, cams, strict=True)):
+        for row, indices, target in rows:  # a finding without positive test images: its row stays empty
+            for col, (i, cam) in enumerate(zip(indices, cams.get(row, ()), strict=True)):
                 axes[row, col].imshow(overlay(images[i, 0].cpu().numpy(), cam))
                 shown = f"{task.row_title(row, labels[i])}  P({classes[target]})={probs[i, target]:.2f}"
                 axes[row, col].set_title(shown, fontsize=7)
@@ -170,6 +166,20 @@ class RunBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def row_cams(model, task: Task, images: torch.Tensor, rows: list[tuple[int, np.ndarray, int]]) -> dict:
+    """The Grad-CAM maps of each figure row's images, {row: maps}: one forward and backward pass
+    per explained output (single-label: every row explains the positive class), not per row."""
+    cams = {}
+    for target in dict.fromkeys(target for _, indices, target in rows if len(indices)):
+        members = [(row, indices) for row, indices, explained in rows if explained == target and len(indices)]
+        chosen = np.concatenate([indices for _, indices in members])
+        inputs = images[chosen].to(next(model.parameters()).device)
+        maps, _ = grad_cam(model, task, preprocess(inputs, channels_last=False), target)
+        for row, part in zip((row for row, _ in members), maps.split([len(i) for _, i in members]), strict=True):
+            cams[row] = part
+    return cams
 
 
 def write_experiment(folder, runs_hparams: list[dict], metrics: list[str]) -> None:

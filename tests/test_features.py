@@ -141,7 +141,7 @@ def train_feature_file(cfg) -> Path:
     """The cache file of the training split's features, found by its key as cxr.features makes it."""
     train = load_dataset(cfg.data).train
     model = build_model(cfg.model, cfg.data.image_size, 2, init_seed=cfg.seed)
-    key = features.feature_key(train, cfg.data.image_size, cfg.data.window, weights_digest(backbone),
+    key = features.feature_key(train, cfg.data.image_size, cfg.data.window, weights_digest(model.backbone),
                                cfg.model.pooling, None)
     return Path(cfg.data.cache_dir) / "features" / f"{key}.npy"
 

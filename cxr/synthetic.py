@@ -176,12 +176,12 @@ def _layout(spec) -> str:
 
 def _manifest(spec) -> dict:
     manifest = {
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": GENERATOR_VERSION, "drawn": DRAWN,
         "train": spec.train, "val": spec.val, "test": spec.test,
         "min_size": spec.min_size, "max_size": spec.max_size, "seed": spec.seed,
     }
-    # the Kaggle manifest keeps its old keys, so existing cached copies are still found complete;
-    # the nih layout has its own version, so changing it never invalidates the Kaggle copies
+    # DRAWN changes the pixels of both layouts: a copy drawn at another size is stale; the nih
+    # layout has its own version, so changing it never invalidates the Kaggle copies
     if _layout(spec) == "nih":
         manifest |= {"layout": "nih", "layout_version": NIH_VERSION}
     return manifest

@@ -191,7 +191,8 @@ def test_preprocess_builds_its_constants_once_per_device_and_statistics():
 # ---------------------------------------------------------------------------------------------
 # Peak memory of a head epoch at NIH/Kaggle feature sizes (issue 22)
 
-# Run in a subprocess for its own peak RSS: N fake feature rows of ResNet50 flatten at 224 px,
+# Run in a subprocess for its own peak RSS (VmHWM: ru_maxrss would carry the forking pytest
+# worker's peak across exec): N fake feature rows of ResNet50 flatten at 224 px,
 # written and read back through cxr's feature cache, FeatureNorm fitted, the plan applied, one head
 # epoch trained and the split evaluated. Prints {"rows", "peak_rss_mb", "setup_rss_mb"}.
 HEAD_EPOCH_AT_SCALE = """
@@ -200,6 +201,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from cxr import arrays
+from cxr.bench.timing import peak_rss_mb
 from cxr.config import CONF_DIR, register_configs
 from cxr.decoding import Split
 from cxr.engine import evaluate, train_one_epoch
@@ -213,7 +215,7 @@ with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
     cfg = compose("train", ["model.freeze_backbone=true", "model.weights=null", "data.image_size=224",
                             "trainer.device=cpu"])
 model = build_model(cfg.model, 224, 2, init_seed=0)
-setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+setup_mb = peak_rss_mb(resource.RUSAGE_SELF)
 generator = torch.Generator().manual_seed(rows)
 
 
@@ -231,7 +233,7 @@ torch.set_num_threads(1)
 train_one_epoch(view.module, build_optimizer(view.module, cfg.optimizer), view.train_inputs(32, 1, 0, None),
                 task, device=torch.device("cpu"), epoch=1, progress=False)
 evaluate(view.module, view.eval_inputs(view.val, 128), task, device=torch.device("cpu"))
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak_mb = peak_rss_mb(resource.RUSAGE_SELF)
 print(json.dumps({"rows": rows, "file_mb": (folder / "train.npy").stat().st_size / 2**20,
                   "setup_rss_mb": setup_mb, "peak_rss_mb": peak_mb}))
 """

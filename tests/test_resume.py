@@ -26,14 +26,17 @@ DETERMINISTIC = ("debug=smoke", "trainer.deterministic=true", "trainer.epochs=3"
 
 # Commands run on one CPU thread, as the reference run does: CPU kernels split their sums by
 # thread, and a resumed run must match the reference bit for bit.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+def one_thread() -> dict:
+    """This process's environment (read now: the session's CXR_CACHE_DIR is set after import) on
+    one thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def start(log, *args: str) -> subprocess.Popen:
     """`python -m cxr.train ARGS` writing to the file `log` (a full pipe would block it)."""
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "cxr.train", *args], cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT, env=ONE_THREAD)
+                                stdout=out, stderr=subprocess.STDOUT, env=one_thread())
 
 
 def wait_for(proc: subprocess.Popen, log, folder, pattern: str, timeout: float = 300) -> None:
@@ -157,7 +160,7 @@ def test_sweep_rerun_skips_finished_reruns_failed_and_resumes_interrupted_jobs(t
     failed_before = stamp(jobs[1] / "result.json")
 
     second = subprocess.run([sys.executable, "-m", "cxr.train", *command], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ONE_THREAD,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=one_thread(),
                             timeout=600)
     output = second.stdout
     assert second.returncode == 1, output  # the report marks the failed job
@@ -262,7 +265,7 @@ def test_item2_a_sweep_rerun_after_a_config_edit_is_refused_then_rerun_when_aske
 
     def sweep_run(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([*command, *extra], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, env=ONE_THREAD, timeout=600)
+                              stderr=subprocess.STDOUT, env=one_thread(), timeout=600)
 
     first = sweep_run()
     assert first.returncode == 0, first.stdout[-3000:]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr import synthetic
 from cxr.config import SyntheticConfig
 from cxr.synthetic import FINDINGS, ensure_synthetic, render_chest
 
@@ -28,7 +29,7 @@ HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient
 # libjpeg: after a Pillow upgrade recompute it on a commit known to be unchanged, rather than
 # assume the generator drifted.
 KAGGLE_SPEC = SyntheticConfig(train=20, val=4, test=8, min_size=64, max_size=96)
-KAGGLE_SHA256 = "3ddde4de6979ad4295ac6ca083290f7e1ce7fbd254b77e9574484d9576546436"
+KAGGLE_SHA256 = "44ee6c159c939544d17712ad9786f975a80732f80b00e10c60f0796f6ecf594b"
 
 
 def _rows(root: Path) -> list[dict]:
@@ -224,7 +225,18 @@ def test_the_kaggle_layout_is_unchanged_and_the_same_from_any_number_of_processe
     single = ensure_synthetic(tmp_path / "one", KAGGLE_SPEC)
     assert tree_digest(single) == tree_digest(parallel)
     assert tree_digest(parallel) == KAGGLE_SHA256
-    # the manifest keeps its old keys, so copies cached before the nih layout stay complete
     assert json.loads((parallel / "manifest.json").read_text()) == {
-        "generator_version": 4, "train": 20, "val": 4, "test": 8, "min_size": 64, "max_size": 96,
+        "generator_version": 4, "drawn": 192, "train": 20, "val": 4, "test": 8, "min_size": 64, "max_size": 96,
         "seed": 0}
+
+
+def test_a_copy_drawn_at_another_size_is_drawn_again(tmp_path, monkeypatch):
+    """DRAWN (the largest height an image is drawn at) changes the pixels: a cached copy drawn at
+    another size is stale. It once changed without a version bump and old copies were read as new."""
+    spec = SyntheticConfig(train=4, val=2, test=2, min_size=160, max_size=160, seed=3)
+    root = ensure_synthetic(tmp_path / "copy", spec)
+    before = tree_digest(root)
+    monkeypatch.setattr(synthetic, "DRAWN", 96)
+    assert tree_digest(ensure_synthetic(root, spec)) != before
+    image = next((root / "train").rglob("*.jpeg"))
+    assert Image.open(image).height == 160  # drawn at 96 px, stored at the size asked

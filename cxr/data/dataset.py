@@ -40,14 +40,17 @@ class Dataset:
         return {**self.train.skipped, **self.val.skipped, **self.test.skipped}
 
     def index(self) -> dict[str, dict]:
-        """Per split, its image count and a sha256 of its files (paths relative to `root`, so a
-        moved dataset folder still matches), labels and skipped files: what a resumed run checks
-        it trains and tests on (cxr.checkpoint)."""
+        """Per split, its image count and a sha256 of its files, labels and skipped files: what a
+        resumed run checks it trains and tests on (cxr.checkpoint). Paths are taken relative to the
+        folder all the images share, so a moved dataset folder still matches, and so does a moved
+        table whose paths are absolute."""
+        splits = [getattr(self, name) for name in ("train", "val", "test")]
+        common = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for split in splits
+                                     for path in [*split.paths, *split.skipped]])
         index = {}
-        for name in ("train", "val", "test"):
-            split = getattr(self, name)
-            listing = [[os.path.relpath(path, self.root) for path in split.paths], split.labels.tolist(),
-                       sorted(os.path.relpath(path, self.root) for path in split.skipped)]
+        for name, split in zip(("train", "val", "test"), splits, strict=True):
+            listing = [[os.path.relpath(path, common) for path in split.paths], split.labels.tolist(),
+                       sorted(os.path.relpath(path, common) for path in split.skipped)]
             digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
             index[name] = {"images": len(split), "sha256": digest}
         return index

@@ -156,15 +156,16 @@ def test_six_backbone_sweep_then_predict_and_grad_cam_on_each(tmp_path, embedded
 
     names = ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "convnext_tiny", "vit_b_16")
     sweep = tmp_path / "sweep"
+    # frozen, one epoch: what differs between families is building, saving and explaining them
     done = subprocess.run([sys.executable, "-m", "cxr.train", "-m", f"model={','.join(names)}", "debug=smoke",
-                           "trainer.bootstrap=0", f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True,
-                          text=True)
+                           "model.freeze_backbone=true", "trainer.epochs=1", "trainer.bootstrap=0",
+                           f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(sweep / "results.csv")))
     assert [row["status"] for row in rows] == ["ok"] * 6
     images = embedded_root / "test" / "NORMAL"
     for name in names:
-        best = next(sweep.glob(f"*_model={name},*")) / "best.pt"  # 0_model=resnet18,trainer.bootstrap=0
+        best = next(sweep.glob(f"*,model={name},*")) / "best.pt"  # 0_model.freeze_backbone=True,model=resnet18,...
         cams = tmp_path / f"cams-{name}"
         args = [f"checkpoint={best}", f"inputs={images}", f"output={tmp_path / name}.csv"]
         if name == "vit_b_16":

@@ -127,7 +127,8 @@ def test_the_head_trains_on_one_cpu_thread_and_the_process_keeps_its_own(frozen_
     torch.set_num_threads(2)
     try:
         for frozen in (True, False):
-            cfg = frozen_cfg(f"model.freeze_backbone={frozen}", "trainer.epochs=1", "trainer.keep_last=true")
+            cfg = frozen_cfg(f"model.freeze_backbone={frozen}", "trainer.epochs=1", "trainer.keep_last=true",
+                             "trainer.bootstrap=0", "trainer.tensorboard_images=false")
             out = tmp_path / f"frozen-{frozen}"
             assert run(cfg, out)["status"] == "ok"
             trained_with = torch.load(out / "last.pt", weights_only=False)["num_threads"]
@@ -198,6 +199,7 @@ print("sum of features", features.images.double().sum().item())
 """
 
 
+@pytest.mark.slow
 def test_item11_two_jobs_on_an_empty_cache_compute_the_features_once(frozen_cfg, tmp_path):
     """Issue 20 item 11: sweep jobs started together on an empty cache each ran the backbone over
     the whole split. Two real processes released at the same instant: one computes, the other

@@ -27,7 +27,8 @@ from tests.conftest import REPO
 
 pytest.importorskip("hydra_plugins.hydra_ray_launcher")
 
-SMOKE = ("debug=smoke", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+# heads on a frozen backbone: what a launcher does with a job does not depend on what trains
+SMOKE = ("debug=smoke", "model.freeze_backbone=true", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
 TIMEOUT_S = 600
 RAY = Path(sys.executable).with_name("ray")  # the venv's: its workers import the same cxr
 

@@ -25,8 +25,12 @@ from cxr.predict import classify
 from cxr.runtime import slot_device
 from tests.conftest import REPO
 
-# the smoke run without what scaling out does not touch (bootstrap intervals, TensorBoard figures)
+# the smoke run without what scaling out does not touch (bootstrap intervals, TensorBoard figures):
+# the whole network trains, an epoch takes seconds, long enough for a signal to land inside one
 SMOKE = ("debug=smoke", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+# heads on a frozen backbone, where a test waits for no epoch: what a launcher does with a job does
+# not depend on what trains, and the frozen path takes a third of the time
+FROZEN_SMOKE = (*SMOKE, "model.freeze_backbone=true")
 TIMEOUT_S = 900
 
 
@@ -118,6 +122,7 @@ def test_per_gpu_runs_jobs_per_gpu_jobs_on_each_gpu_or_on_the_cpu():
         assert per_gpu_jobs(2, visible=None) == 2 * gpus
 
 
+@pytest.mark.slow
 def test_defect3_packed_sweep_on_an_empty_cache_loses_no_job(tmp_path):
     """Two jobs side by side (the per_gpu preset packing 2 jobs per device, here the CPU) on an
     empty cache: both need the embedded dataset generated (a small spec, so that it takes
@@ -125,7 +130,7 @@ def test_defect3_packed_sweep_on_an_empty_cache_loses_no_job(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     env = {**subprocess_env(), "CXR_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "cxr.train", "-m", "hydra/launcher=per_gpu",
-                           "jobs_per_gpu=2", "trainer.device=cpu", *SMOKE, "data.synthetic.train=160",
+                           "jobs_per_gpu=2", "trainer.device=cpu", *FROZEN_SMOKE, "data.synthetic.train=160",
                            "data.synthetic.test=48", "seed=0,1"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -155,7 +160,7 @@ def test_packing_on_one_gpu_keeps_the_configured_device(slot):
 def test_submitit_local_sweep_finishes_and_aggregates(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep_dir = tmp_path / "sweep"
-    cxr_train("-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}", *SMOKE,
+    cxr_train("-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}", *FROZEN_SMOKE,
               "seed=0,1", cwd=tmp_path)
     assert_two_ok_jobs(sweep_dir)
 
@@ -221,6 +226,7 @@ def test_submitit_requeue_resumes_from_last_checkpoint(tmp_path):
 # torchrun: one variant on two processes
 
 
+@pytest.mark.slow
 def test_defect5_torchrun_predicts_each_image_once_and_keeps_every_ranks_rng(tmp_path):
     """2 processes on 63 test images (not divisible by 2: a padding sampler would count one image
     twice): rank 0's per-image test predictions equal one process's on the same files, through
@@ -304,7 +310,7 @@ def test_optuna_search_and_its_report_pick_the_best_validation_auroc(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # SQLite storage: the path that needs SQLAlchemy < 2 with optuna 2.10 (pyproject's extra)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    cxr_train("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *SMOKE,
+    cxr_train("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *FROZEN_SMOKE,
               f"hydra.sweep.dir={sweep_dir}", f"hydra.sweeper.storage={storage}", cwd=tmp_path)
 
     assert [r["status"] for r in job_results(sweep_dir)] == ["ok"] * 3

@@ -156,9 +156,12 @@ def test_invalid_value_fails_before_any_work(make_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_real_images_from_scratch_at_64px(shared_data, make_cfg, tmp_path):
-    cfg = make_cfg("data=chest_xray", f"data.root={shared_data / 'cxr-real'}", "model.weights=null",
-                   "data.image_size=64", "trainer.epochs=4", "optimizer.lr=1e-4", "trainer.progress=false")
+    # ResNet18: the whole network learns from scratch as ResNet50 does, in a third of the time
+    cfg = make_cfg("data=chest_xray", f"data.root={shared_data / 'cxr-real'}", "model=resnet18",
+                   "model.weights=null", "data.image_size=64", "trainer.epochs=4", "optimizer.lr=1e-4",
+                   "trainer.progress=false")
     result = run(cfg, tmp_path)
+    print(result["metrics"]["test/auroc"])
     assert result["metrics"]["test/auroc"] >= 0.85
 
 

@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> dict:
         report = {**machine(device), "quick": args.quick, "source": describe_source(source, items)}
         report.update(measure(scale, cfgs[0], base, kaggle_layout(items, root), work))
     show("sweep", report, "one_backbone_pass_s", "sweep_s", "per_job_beyond_one_pass_s")
-    report["targets"] = {"every job of the sweep ok": report["all_jobs_ok"]}
+    report["targets"] = {"every job of the sweep ok": report["all_jobs_ok"],
+                         "sweep <= 2x one backbone pass": report["sweep_vs_one_pass"] <= 2}
     if report["errors"]:
         print(f"failed jobs (their logs: {report['sweep_dir']}):", report["errors"])
     publish(report, args.out)

@@ -251,9 +251,12 @@ def head_epoch_at_scale(rows: int, folder: Path) -> dict:
 def test_a_head_epoch_at_224_px_has_a_peak_rss_flat_in_the_number_of_images(tmp_path):
     """Issue 22: the 224-px Kaggle-sized run peaked at 5.9 GB with the features whole in memory.
     Fitting, training and evaluating the head over 1,000 and then 4,272 images' features (the
-    issue's Kaggle training split: 0.86 GB of float16) must peak at the same RSS, within 2.5 GB."""
+    issue's Kaggle training split: 0.86 GB of float16) must peak at about the same RSS, within 2.5 GB."""
     small, large = (head_epoch_at_scale(rows, tmp_path / str(rows)) for rows in (1_000, 4_272))
     print(small, large)
     assert large["file_mb"] > 800
     assert large["peak_rss_mb"] <= 2500
-    assert large["peak_rss_mb"] - small["peak_rss_mb"] < 100, (small, large)
+    # flat: features held whole would add at least the file's growth (627 MB of float16; fp32
+    # twice that); what is mapped at a time varies with the machine's load (+38 MB quiet, +120 MB
+    # in a loaded CI run), so a third of the file's growth is the bound
+    assert large["peak_rss_mb"] - small["peak_rss_mb"] < (large["file_mb"] - small["file_mb"]) / 3, (small, large)

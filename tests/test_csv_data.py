@@ -60,6 +60,7 @@ def real_csv(shared_data, tmp_path_factory):
     return path, real, rows
 
 
+@pytest.mark.slow
 def test_real_data_through_csv_matches_the_folders(real_csv, make_cfg, tmp_path):
     path, real, rows = real_csv
     # the CSV's val rows are its validation (issue 20 item 4), as val/ is the folders' with val_split=official
@@ -174,6 +175,7 @@ def test_item4_csv_val_rows_are_used_not_dropped(drawn, make_cfg, tmp_path, capl
     assert any("val rows" in record.getMessage() for record in caplog.records)
 
 
+@pytest.mark.slow
 def test_item5_per_image_patients_warn_once_and_are_recorded_in_result_json(drawn, make_cfg, tmp_path, caplog):
     """Issue 20 item 5: with no patient column and file names cxr does not know (upper_00.png),
     each image is its own patient: said once in a warning and in result.json's data.patients."""

@@ -203,7 +203,7 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_changes_nothing(tmp_path
 
 
 def test_keep_last_makes_a_finished_run_extendable_by_more_epochs(make_cfg, tmp_path):
-    quick = ("debug=smoke", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
+    quick = ("debug=smoke", "model.freeze_backbone=true", "trainer.bootstrap=0", "trainer.tensorboard_images=false")
     first = run(make_cfg(*quick, "trainer.keep_last=true"), tmp_path)  # 2 epochs
     assert first["epochs"] == 2 and (tmp_path / "last.pt").exists()
 

@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 FEATURE_VERSION = 2  # 2: written a batch at a time, with an index holding a crc32 of every row
 # Images x pixels of an extraction batch on a CPU (trainer.eval_batch_size caps it everywhere): a
 # ResNet50 holds ~230 bytes of activations a pixel (1.4 GB for 128 images at 224 px, measured),
-# and a CPU is no faster on larger batches (~4 img/s at 224 px on 2 cores at 32 and at 128, the
-# same features to the bit). At 64 px this is 392 images: the default 128 stands.
-CPU_BATCH_PIXELS = 32 * 224 * 224
+# and a CPU is faster on small batches, whose activations stay in its caches (2 cores, random-init
+# ResNet50: 25 img/s at 8 images of 224 px against 18 at 32, peak RSS 1.02 against 1.33 GB; 64 px:
+# 230-254 img/s at 98 images against 193-198 at 392), with the same features to the bit.
+CPU_BATCH_PIXELS = 8 * 224 * 224
 
 
 @dataclass
@@ -90,11 +91,13 @@ def feature_view(model: Classifier, features: Sequence[Split], cfg, device: torc
     train = features[0]
     chunk = arrays.chunk_rows(train.images.shape, train.images.element_size())
     model.feature_norm.fit(x for x, _ in eval_batches(train, chunk))
-    # Each batch is cast to float32 where the head runs (a no-op for features a GPU holds in
-    # float32). A head's ops on a batch of 32 vectors are too small to gain from threads, and on a
-    # busy machine OpenMP threads waiting for each other made each step ~100x slower (measured on
-    # 2 cores beside other jobs: 5-35 batches/s on 2 threads, 1,300-1,900 on one).
-    return TrainingView(model.top(), *place(features, device, cfg), prepare=lambda x, augment: x.float(),
+    # Each batch reaches the head as it is held: FeatureNorm's subtraction of its float32 mean
+    # promotes float16 rows to float32 in the same pass (a separate cast was ~8% of a step on a
+    # CPU; the same numbers, as float16 converts to float32 exactly). A head's ops on a batch of
+    # 32 vectors are too small to gain from threads, and on a busy machine OpenMP threads waiting
+    # for each other made each step ~100x slower (measured on 2 cores beside other jobs: 5-35
+    # batches/s on 2 threads, 1,300-1,900 on one).
+    return TrainingView(model.top(), *place(features, device, cfg), prepare=lambda x, augment: x,
                         cpu_threads=1)
 
 
@@ -128,6 +131,14 @@ def extract(backbone: nn.Module, split: Split, batch_size: int, device: torch.de
     return torch.cat(list(feature_batches(backbone, split, batch_size, device, amp_dtype, channels_last)))
 
 
+def extraction_batch_size(eval_batch_size: int, image_size: int, device: torch.device) -> int:
+    """Images per backbone batch when extracting features: trainer.eval_batch_size, on a CPU
+    capped at CPU_BATCH_PIXELS."""
+    if device.type != "cpu":
+        return eval_batch_size
+    return max(1, min(eval_batch_size, CPU_BATCH_PIXELS // image_size ** 2))
+
+
 def cached_features(backbone: nn.Module, digest: str, splits: Sequence[Split], cfg, device: torch.device,
                     amp_dtype: torch.dtype | None) -> list[Split]:
     """Each image split as a split of its backbone features: float16 (N, F), mapped from the cache
@@ -138,9 +149,7 @@ def cached_features(backbone: nn.Module, digest: str, splits: Sequence[Split], c
     backbone.eval()  # for the whole run: BatchNorm as the features were made, in Grad-CAM too
     folder = Path(cfg.data.cache_dir).expanduser() / "features"
     folder.mkdir(parents=True, exist_ok=True)
-    batch_size = cfg.trainer.eval_batch_size
-    if device.type == "cpu":
-        batch_size = max(1, min(batch_size, CPU_BATCH_PIXELS // cfg.data.image_size ** 2))
+    batch_size = extraction_batch_size(cfg.trainer.eval_batch_size, cfg.data.image_size, device)
     out = []
     for split in splits:
         key = feature_key(split, cfg.data.image_size, cfg.data.window, digest, cfg.model.pooling, amp_dtype)

@@ -16,7 +16,7 @@ from cxr.bench.runs import compose_train, head_variants, job_errors, run_sweep, 
 from cxr.bench.timing import machine, publish, show, timed
 from cxr.data import find_classes, list_files
 from cxr.decoding import Split, load_split
-from cxr.features import extract
+from cxr.features import extract, extraction_batch_size
 from cxr.model import build_model
 from cxr.runtime import pick_device, start
 
@@ -58,15 +58,17 @@ def sweep_overrides(scale: Scale, root: Path, device: str, work: Path, extra: li
 
 def one_backbone_pass(cfg, root: Path, work: Path) -> tuple[float, int]:
     """Seconds of one frozen-backbone pass over every image (train and test: all that a sweep
-    extracts), as cxr.features extracts them; and how many images it ran on."""
+    extracts), as cxr.features extracts them (in batches of the same size); and how many images
+    it ran on."""
     runtime = start(cfg.trainer, cfg.seed)
     items = [item for split in ("train", "test") for item in list_files(root / split, find_classes(root / split))]
     split = load_split(items, cfg.data.image_size, work / "cache", 0, "bench").to(runtime.device)
     backbone = build_model(cfg.model, cfg.data.image_size, 2).to(runtime.device).backbone
 
+    batch_size = extraction_batch_size(cfg.trainer.eval_batch_size, cfg.data.image_size, runtime.device)
+
     def extract_all(split: Split = split):
-        extract(backbone, split, cfg.trainer.eval_batch_size, runtime.device, runtime.amp_dtype,
-                cfg.trainer.channels_last)
+        extract(backbone, split, batch_size, runtime.device, runtime.amp_dtype, cfg.trainer.channels_last)
 
     extract_all(Split(split.images[:8], split.labels[:8], split.paths[:8]))  # warm-up
     return timed(extract_all, runtime.device), len(split)

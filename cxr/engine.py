@@ -95,7 +95,7 @@ def train_one_epoch(model, optimizer, batches: Iterable, task: Task, *, device: 
             with autocast(device, amp_dtype):
                 logits = model(x)
                 loss = task.loss(logits, labels, pos_weight)
-            backward(loss / group_size if group_size > 1 else loss, scaler)
+            backward(loss / group_size, scaler)
         if step == group_end:
             lr = optimizer.param_groups[0]["lr"]
             if optimizer_step(model, optimizer, scaler, grad_clip):

@@ -92,11 +92,11 @@ def feature_view(model: Classifier, features: Sequence[Split], cfg, device: torc
     chunk = arrays.chunk_rows(train.images.shape, train.images.element_size())
     model.feature_norm.fit(x for x, _ in eval_batches(train, chunk))
     # Each batch reaches the head as it is held: FeatureNorm's subtraction of its float32 mean
-    # promotes float16 rows to float32 in the same pass (a separate cast was ~8% of a step on a
-    # CPU; the same numbers, as float16 converts to float32 exactly). A head's ops on a batch of
-    # 32 vectors are too small to gain from threads, and on a busy machine OpenMP threads waiting
-    # for each other made each step ~100x slower (measured on 2 cores beside other jobs: 5-35
-    # batches/s on 2 threads, 1,300-1,900 on one).
+    # promotes float16 rows to float32 in the same pass (a separate cast was 7% of a head epoch's
+    # time in a profile; the same numbers, as float16 converts to float32 exactly). A head's ops
+    # on a batch of 32 vectors are too small to gain from threads, and on a busy machine OpenMP
+    # threads waiting for each other made each step ~100x slower (measured on 2 cores beside other
+    # jobs: 5-35 batches/s on 2 threads, 1,300-1,900 on one).
     return TrainingView(model.top(), *place(features, device, cfg), prepare=lambda x, augment: x,
                         cpu_threads=1)
 

@@ -9,19 +9,15 @@ PYTEST_ARGS ?=
 EXTRAS := dev,launchers,optuna
 PIP_INSTALL = $(PY) -m pip install --quiet --disable-pip-version-check
 
-$(VENV)/.installed: pyproject.toml
+# .installed-ray: the `ray` extra (Hydra's Ray launcher) too, in the same pip call as the others
+# where nothing is installed yet (one resolution: 8 s less than two on the 2-core machine)
+$(VENV)/.installed-ray: EXTRAS := $(EXTRAS),ray
+$(VENV)/.installed $(VENV)/.installed-ray: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP_INSTALL) -e '.[$(EXTRAS)]'
-	touch $@
+	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
-
-# the `ray` extra (Hydra's Ray launcher) too, in the same pip call as the others where nothing is
-# installed yet (one resolution: 8 s less than two on the 2-core machine)
-$(VENV)/.installed-ray: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[$(EXTRAS),ray]'
-	touch $(VENV)/.installed $@
 
 install-ray: $(VENV)/.installed-ray  ## then: python -m cxr.train -m hydra/launcher=ray_local (or ray_cluster) ...
 
